@@ -1,0 +1,105 @@
+"""Shared benchmark harness: time a case, measure its peak extra memory, print and save rows.
+
+A benchmark script only builds its cases (a callable per provider) and calls ``run_cases``; rows
+are printed as a table and appended as JSON lines to ``bench/results/<op>.jsonl`` keyed by op,
+provider, shape and machine.
+"""
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 2, reps: int = 10) -> dict:
+    """Wall time of ``fn()`` in milliseconds: median and 20th/80th percentiles over ``reps`` runs."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=5) if len(samples) >= 2 else samples * 4
+    return {"ms": statistics.median(samples), "ms_p20": q[0], "ms_p80": q[-1]}
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes allocated by ``fn()`` above what was allocated before it ran.
+
+    On CUDA, the caching allocator's peak counter. On CPU, torch's profiler records every
+    allocation and free; the running sum of those events gives the peak.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads"
+
+
+def run_cases(op: str, shape: str, cases: dict, baseline: str, reps: int = 10, warmup: int = 2,
+              device: str = "cpu", measure_memory: bool = True) -> list[dict]:
+    """Time and measure each ``cases[provider]()``; print a table with ratios against ``baseline``."""
+    rows = []
+    for provider, fn in cases.items():
+        row = {"op": op, "provider": provider, "shape": shape, "machine": machine(),
+               "torch": torch.__version__, **time_ms(fn, warmup=warmup, reps=reps)}
+        if measure_memory:
+            row["peak_extra_bytes"] = peak_extra_bytes(fn, device)
+        rows.append(row)
+    base = next(r for r in rows if r["provider"] == baseline)
+    for r in rows:
+        r["speedup_vs_" + baseline] = base["ms"] / r["ms"]
+        if measure_memory and r["peak_extra_bytes"]:
+            r["memory_ratio_vs_" + baseline] = base["peak_extra_bytes"] / r["peak_extra_bytes"]
+    print_table(rows)
+    save_rows(op, rows)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["op", "provider", "shape", "ms", "ms_p20", "ms_p80", "peak_extra_bytes"]
+    cols += sorted({k for r in rows for k in r if k.startswith(("speedup_vs_", "memory_ratio_vs_"))})
+    cols = [c for c in cols if any(c in r for r in rows)]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = [cols] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    for line in table:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+
+
+def save_rows(op: str, rows: list[dict]) -> None:
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    with open(out / f"{op}.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
