@@ -267,6 +267,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def build_section(cls, values: dict, where: str):
+    """Build dataclass ``cls`` from ``values`` with the same checks as the run config (unknown keys
+    and wrong types named with their path ``where``); recipes use it for ``method.options``."""
+    return _build(cls, values, where)
+
+
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {type(values).__name__}")

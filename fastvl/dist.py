@@ -45,6 +45,22 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def pad_to_global_length(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Zero-pad ``x`` along ``dim`` to the longest size any rank has (captions are padded per batch,
+    so ranks can differ), so that it can be gathered."""
+    _, world = rank_and_world()
+    if world == 1:
+        return x
+    longest = torch.tensor([x.shape[dim]], device=x.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    missing = int(longest) - x.shape[dim]
+    if missing == 0:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = missing
+    return torch.cat([x, x.new_zeros(pad_shape)], dim=dim)
+
+
 def global_offset(local_rows: int) -> int:
     """Index of this rank's first row in the global batch."""
     rank, _ = rank_and_world()

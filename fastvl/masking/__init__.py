@@ -2,23 +2,27 @@
 from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
-from .text import IGNORE_INDEX, RandomTextMasking, SpecialTokens, TextMask
+from ..data.tokenizer import SpecialIds, load_tokenizer
+from ..data.tokenizer import special_ids as tokenizer_special_ids
+from .text import IGNORE_INDEX, RandomTextMasking, TextMask
 
 
 class RandomCaptionMasking:
     """``method.text_masking = "random"``: BERT-style masking of the batch's captions."""
 
-    def __init__(self, cfg: RunConfig, special: SpecialTokens):
+    def __init__(self, cfg: RunConfig, special: SpecialIds):
         self.masking = RandomTextMasking(special, cfg.method.mlm_probability, cfg.method.mlm_replace, seed=cfg.train.seed)
 
     def __call__(self, batch, step: int) -> TextMask:
         return self.masking(batch.input_ids, batch.attention_mask, step)
 
 
-def special_tokens(cfg: RunConfig) -> SpecialTokens:
-    from ..data.tokenizer import load_tokenizer
-
-    return SpecialTokens.from_tokenizer(load_tokenizer(cfg.data.tokenizer), cfg.model.vocab_size)
+def special_tokens(cfg: RunConfig) -> SpecialIds:
+    special = tokenizer_special_ids(load_tokenizer(cfg.data.tokenizer))
+    if special.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                          f"vocabulary ({special.vocab_size})")
+    return special
 
 
 def build_text_masking(cfg: RunConfig, recipe=None):
@@ -30,4 +34,4 @@ def build_text_masking(cfg: RunConfig, recipe=None):
     raise ConfigError(f"method.text_masking: unknown policy '{name}' (known: random)")
 
 
-__all__ = ["IGNORE_INDEX", "RandomTextMasking", "SpecialTokens", "TextMask", "build_text_masking", "special_tokens"]
+__all__ = ["IGNORE_INDEX", "RandomTextMasking", "SpecialIds", "TextMask", "build_text_masking", "special_tokens"]

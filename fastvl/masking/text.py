@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.tokenizer import SpecialIds
 from ..dist import global_uniform
 
 IGNORE_INDEX = -100
@@ -22,26 +23,12 @@ class TextMask:
         return self.labels != IGNORE_INDEX
 
 
-@dataclass
-class SpecialTokens:
-    pad: int
-    cls: int
-    sep: int
-    mask: int
-    vocab_size: int
-
-    @property
-    def first_ordinary(self) -> int:
-        """Random replacements are drawn from ids above the special ones (BERT's [PAD]..[MASK] = 0..103)."""
-        return max(self.pad, self.cls, self.sep, self.mask) + 1
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer, vocab_size: int) -> "SpecialTokens":
-        return cls(tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
-                   tokenizer.mask_token_id, vocab_size)
+def first_ordinary_id(special: SpecialIds) -> int:
+    """Random replacements are drawn from ids above the special ones (BERT's [PAD]..[MASK] = 0..103)."""
+    return max(special.pad, special.cls, special.sep, special.mask, special.unk) + 1
 
 
-def maskable_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+def maskable_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, special: SpecialIds) -> torch.Tensor:
     """Real tokens that are not [CLS]/[SEP]/[PAD]."""
     return attention_mask.bool() & (input_ids != special.cls) & (input_ids != special.sep) & (input_ids != special.pad)
 
@@ -55,7 +42,7 @@ class RandomTextMasking:
     depend on how the global batch is split across ranks.
     """
 
-    def __init__(self, special: SpecialTokens, probability: float, replace=(0.8, 0.1, 0.1), seed: int = 0,
+    def __init__(self, special: SpecialIds, probability: float, replace=(0.8, 0.1, 0.1), seed: int = 0,
                  stream: int = 1):
         self.special, self.probability, self.replace = special, probability, tuple(replace)
         self.seed, self.stream = seed, stream
@@ -66,7 +53,7 @@ class RandomTextMasking:
         chosen = maskable_positions(input_ids, attention_mask, self.special) & (u[:, 0] < self.probability)
         to_mask = chosen & (u[:, 1] < self.replace[0])
         to_random = chosen & (u[:, 1] >= self.replace[0]) & (u[:, 1] < self.replace[0] + self.replace[1])
-        low = self.special.first_ordinary
+        low = first_ordinary_id(self.special)
         random_ids = low + (u[:, 2] * (self.special.vocab_size - low)).long().clamp_max(self.special.vocab_size - 1 - low)
         corrupted = torch.where(to_mask, torch.full_like(input_ids, self.special.mask), input_ids)
         corrupted = torch.where(to_random, random_ids, corrupted)

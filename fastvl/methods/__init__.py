@@ -5,13 +5,22 @@ from ..config import ConfigError, RunConfig
 from .base import Recipe
 
 
-def _albef():
-    from .albef import Albef
+def _lazy(module: str, name: str):
+    def load():
+        from importlib import import_module
 
-    return Albef
+        return getattr(import_module(f"{__name__}.{module}"), name)
+
+    return load
 
 
-RECIPES = {"albef": _albef}
+RECIPES = {
+    "albef": _lazy("albef", "Albef"),
+    "maskvlm": _lazy("maskvlm", "MaskVLM"),
+    "mamo": _lazy("mamo", "Mamo"),
+    "epic": _lazy("epic", "Epic"),
+    "cmask": _lazy("cmask", "CMask"),
+}
 
 
 def build_method(cfg: RunConfig) -> Recipe:

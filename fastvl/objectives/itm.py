@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..dist import gather_with_grad, global_offset
+from ..dist import gather_with_grad, global_offset, pad_to_global_length
 
 
 def sample_by_weight(weights: torch.Tensor, exclude: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,7 @@ def itm_loss(
     self_index = torch.arange(b, device=image_states.device) + global_offset(b)
     neg_text = sample_by_weight(F.softmax(sim_i2t.float(), dim=1), self_index, u[:, 0])
     neg_image = sample_by_weight(F.softmax(sim_t2i.float(), dim=1), self_index, u[:, 1])
+    text_states, attention_mask = pad_to_global_length(text_states), pad_to_global_length(attention_mask)
     all_images = gather_with_grad(image_states)
     all_texts = gather_with_grad(text_states)
     all_masks = gather_with_grad(attention_mask)

@@ -1,8 +1,9 @@
 import torch
 
-from fastvl.masking.text import IGNORE_INDEX, RandomTextMasking, SpecialTokens
+from fastvl.data.tokenizer import SpecialIds
+from fastvl.masking.text import IGNORE_INDEX, RandomTextMasking
 
-SPECIAL = SpecialTokens(pad=0, cls=101, sep=102, mask=103, vocab_size=30522)
+SPECIAL = SpecialIds(pad=0, cls=101, sep=102, mask=103, unk=100, vocab_size=30522)
 
 
 def captions(b=64, length=24):
