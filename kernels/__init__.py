@@ -17,7 +17,7 @@ from .perm_attention import (
     permutation_mask,
 )
 from .reward import value_weighted_topk_reward, value_weighted_topk_reward_reference
-from .span_sampling import SpanSample, sample_spans, sample_spans_reference
+from .span_sampling import SpanSample, sample_spans, sample_spans_reference, span_action_log_prob
 
 __all__ = [
     "HAS_CPP",
@@ -32,4 +32,5 @@ __all__ = [
     "SpanSample",
     "sample_spans",
     "sample_spans_reference",
+    "span_action_log_prob",
 ]
