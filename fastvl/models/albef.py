@@ -1,0 +1,129 @@
+"""The ALBEF backbone: ViT image encoder, BERT text encoder, fusion encoder and the three heads.
+
+Shapes (B batch, L text length, N patches, Dv/Dt vision/text width, E ITC width, V vocabulary):
+
+=====================================================================  =====================================
+``encode_image(images, replace_mask=None, keep_index=None)``           [B, 3, S, S] -> [B, 1+N', Dv]
+``encode_text(input_ids, attention_mask, position_ids=None, *,         [B, L] -> [B, L, Dt]
+token_type_ids=None, attn_mask=None, kind=None, step=None)``
+``fuse(text_states, attention_mask, image_states, image_mask=None, *,  -> [B, L, Dt]
+attn_mask=None, kind=None, step=None)``
+``image_feat(image_states)`` / ``text_feat(text_states)``              -> unit-norm [B, E] (projected [CLS])
+``mlm_logits(states)``                                                 [..., Dt] -> [..., V] (tied decoder)
+``itm_logits(fused)``                                                  [B, L, Dt] or [B, Dt] -> [B, 2]
+=====================================================================  =====================================
+
+``kind``/``step`` [B, L] apply C-Mask's generalized-LM rule to the text self-attention of the text and
+fusion encoders (see ``attention.permutation_visible``); cross-attention to the image is unrestricted
+apart from ``image_mask``. ``set_observer(fn)`` installs ``fn(name, q, k, v, key_padding_mask)`` on
+every attention module; names are the modules' paths, e.g. ``text_encoder.encoder.layer.0.attention.self``,
+``fusion_encoder.encoder.layer.1.crossattention.self``, ``vision_encoder.blocks.3.attn``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Observer, ObservedAttention, name_attention_modules
+from .bert import TextEncoder
+from .fusion import FusionEncoder
+from .heads import MlmHead, unit_projection
+from .hf_bert import BertLoadReport, load_hf_bert
+from .init import init_weights
+from .vit import VisionTransformer
+
+
+class AlbefModel(nn.Module):
+    """Backbone of every recipe. Submodules: ``vision_encoder``, ``text_encoder``, ``fusion_encoder``,
+    ``vision_proj`` (Dv -> E), ``text_proj`` (Dt -> E), ``itm_head`` (Dt -> 2), ``mlm_head``.
+
+    When ``cfg.text_init`` is set, the text and fusion encoders load it at construction
+    (``hf_bert.load_hf_bert``; the report is kept in ``self.text_init_report``).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_encoder = VisionTransformer(cfg)
+        self.text_encoder = TextEncoder(cfg)
+        self.fusion_encoder = FusionEncoder(cfg)
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.text_width, 2)
+        self.mlm_head = MlmHead(cfg.text_width, cfg.vocab_size)
+        for head in (self.vision_proj, self.text_proj, self.itm_head, self.mlm_head):
+            head.apply(init_weights)
+        self.text_init_report: Optional[BertLoadReport] = None
+        if cfg.text_init:
+            self.text_init_report = load_hf_bert(self.text_encoder, self.fusion_encoder, cfg.text_init,
+                                                 mlm_head=self.mlm_head)
+        name_attention_modules(self)
+
+    # -- encoders -------------------------------------------------------------------------------
+
+    def encode_image(self, images: torch.Tensor, replace_mask: Optional[torch.Tensor] = None,
+                     keep_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, 1 + N', Dv]; ``replace_mask`` [B, N] bool -> mask token, ``keep_index`` [B, K]."""
+        return self.vision_encoder(images, replace_mask, keep_index)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    position_ids: Optional[torch.Tensor] = None, *, token_type_ids: Optional[torch.Tensor] = None,
+                    attn_mask=None, kind=None, step=None) -> torch.Tensor:
+        """[B, L] ids + [B, L] mask (1 = real token) -> [B, L, Dt]; position_ids default 0..L-1."""
+        return self.text_encoder(input_ids, attention_mask, position_ids, token_type_ids,
+                                 attn_mask=attn_mask, kind=kind, step=step)
+
+    def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor,
+             image_mask: Optional[torch.Tensor] = None, *, attn_mask=None, kind=None, step=None) -> torch.Tensor:
+        """Text states [B, L, Dt] cross-attending to image states [B, N, Dv] -> [B, L, Dt]."""
+        return self.fusion_encoder(text_states, attention_mask, image_states, image_mask,
+                                   attn_mask=attn_mask, kind=kind, step=step)
+
+    # -- heads ----------------------------------------------------------------------------------
+
+    def image_feat(self, image_states: torch.Tensor) -> torch.Tensor:
+        """Unit-norm ITC embedding [B, E] of the image [CLS]."""
+        return unit_projection(self.vision_proj, image_states[:, 0])
+
+    def text_feat(self, text_states: torch.Tensor) -> torch.Tensor:
+        """Unit-norm ITC embedding [B, E] of the text [CLS]."""
+        return unit_projection(self.text_proj, text_states[:, 0])
+
+    def mlm_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """[..., Dt] -> [..., V], decoder tied to the word embeddings."""
+        return self.mlm_head(states, self.text_encoder.embeddings.word_embeddings.weight)
+
+    def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
+        """Match / no-match logits [B, 2] (index 1 = match) from the fused [CLS]; accepts the full fused
+        states [B, L, Dt] or the [CLS] rows [B, Dt]."""
+        return self.itm_head(fused[:, 0] if fused.dim() == 3 else fused)
+
+    def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where a module's forward reads a parameter it does not own: the MLM
+        decoder is the word-embedding matrix. Under ZeRO-3 pass each pair to
+        ``deepspeed.zero.register_external_parameter`` so the parameter is gathered for that forward."""
+        return [(self.mlm_head, self.text_encoder.embeddings.word_embeddings.weight)]
+
+    # -- observation ----------------------------------------------------------------------------
+
+    def attention_modules(self) -> Iterator[ObservedAttention]:
+        """Every attention module (vision self, text self, fusion self and cross), in module order."""
+        return (m for m in self.modules() if isinstance(m, ObservedAttention))
+
+    def set_observer(self, fn: Optional[Observer]) -> None:
+        """Install ``fn(name, q, k, v, key_padding_mask)`` on every attention module (None removes it)."""
+        for module in self.attention_modules():
+            module.observer = fn
+
+    @contextlib.contextmanager
+    def observing(self, fn: Observer):
+        """``with model.observing(fn): ...`` — ``set_observer(fn)`` for the block, then remove it."""
+        self.set_observer(fn)
+        try:
+            yield self
+        finally:
+            self.set_observer(None)
