@@ -59,22 +59,22 @@ class DataConfig:
 class ModelConfig:
     preset: str = "tiny"
     """Backbone size: "tiny" (tests, CPU demo), "small" (MiniLM-L6 text, small ViT), "base" (ViT-B/16 + BERT-base shapes).
-    Fields left at 0 below take the preset's value."""
-    image_size: int = 0
-    patch_size: int = 0
-    vision_width: int = 0
-    vision_layers: int = 0
-    vision_heads: int = 0
-    text_width: int = 0
-    text_layers: int = 0
+    Size fields left unset (null) below take the preset's value; 0 is a real value (e.g. fusion_layers=0)."""
+    image_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    vision_width: Optional[int] = None
+    vision_layers: Optional[int] = None
+    vision_heads: Optional[int] = None
+    text_width: Optional[int] = None
+    text_layers: Optional[int] = None
     """Self-attention-only text layers (ALBEF: the first half of BERT)."""
-    fusion_layers: int = 0
+    fusion_layers: Optional[int] = None
     """Text layers with cross-attention to the image (ALBEF: the second half of BERT)."""
-    text_heads: int = 0
-    text_intermediate: int = 0
+    text_heads: Optional[int] = None
+    text_intermediate: Optional[int] = None
     vocab_size: int = 30522
     max_positions: int = 512
-    embed_dim: int = 0
+    embed_dim: Optional[int] = None
     """Width of the ITC projections."""
     attention: str = "sdpa"
     """Attention backend: "sdpa", "flex" (FlexAttention; forward only on CPU), "xformers" (CUDA only),
@@ -91,7 +91,7 @@ class ModelConfig:
             "model.attention must be one of sdpa, flex, xformers, triton, eager",
         )
         for name, value in MODEL_PRESETS[self.preset].items():
-            if getattr(self, name) == 0:
+            if getattr(self, name) is None:
                 setattr(self, name, value)
         _check(self.image_size % self.patch_size == 0, "model.image_size must be a multiple of model.patch_size")
         _check(self.vision_width % self.vision_heads == 0, "model.vision_width must divide by model.vision_heads")

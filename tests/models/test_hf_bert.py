@@ -15,11 +15,8 @@ SENTENCES = ["a small red cube to the left of a large blue sphere.", "two green 
 
 
 def minilm_text_config(attention: str = "sdpa") -> ModelConfig:
-    cfg = ModelConfig(preset="small", text_width=384, text_heads=12, text_intermediate=1536, text_layers=6,
-                      attention=attention)
-    # ModelConfig fills fields left at 0 from the preset, so "no fusion layers" is set after validation
-    cfg.fusion_layers = 0
-    return cfg
+    return ModelConfig(preset="small", text_width=384, text_heads=12, text_intermediate=1536, text_layers=6,
+                       fusion_layers=0, attention=attention)
 
 
 @pytest.fixture(scope="module")
