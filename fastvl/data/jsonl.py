@@ -4,7 +4,9 @@ One JSON object per line: ``{"image": "relative/or/absolute.jpg", "caption": "..
 ``"key"`` (default ``"<file stem>:<line number>"``) and ``"negatives"`` (type -> caption, as the
 built-in generator writes them). Image paths are relative to the JSONL file's folder. Records are
 read once at start-up (captions stay in memory, images are read when a sample is fetched); a line
-that is not a JSON object, has no caption or names a missing image file is skipped and counted.
+that is not a JSON object, has no caption or names a missing image file is skipped and counted. A
+line that is not valid UTF-8 is decoded with replacement characters (``source.decode_caption``) and
+its sample marked ``repaired=("non_utf8_caption",)``.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..config import ConfigError
-from .source import RawSample
+from .source import RawSample, decode_caption
 
 
 class JsonlSource:
@@ -28,9 +30,12 @@ class JsonlSource:
         self.captions: list[str] = []
         self.metas: list[dict | None] = []
         self.skipped: Counter = Counter()
+        self.repaired: set[int] = set()
+        """Indices of samples whose line was not valid UTF-8."""
         root = self.path.parent
-        with open(self.path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
+        with open(self.path, "rb") as lines:
+            for number, raw_line in enumerate(lines, start=1):
+                line, repaired = decode_caption(raw_line)
                 if not line.strip():
                     continue
                 try:
@@ -49,6 +54,8 @@ class JsonlSource:
                 if not image.is_file():
                     self.skipped["missing_image"] += 1
                     continue
+                if repaired:
+                    self.repaired.add(len(self.keys))
                 self.keys.append(str(record.get("key", f"{self.path.stem}:{number}")))
                 self.images.append(os.fspath(image))
                 self.captions.append(caption)
@@ -63,4 +70,5 @@ class JsonlSource:
     def read(self, i: int, with_meta: bool = False) -> RawSample:
         with open(self.images[i], "rb") as image:
             data = image.read()
-        return RawSample(self.keys[i], data, self.captions[i], self.metas[i] if with_meta else None)
+        repaired = ("non_utf8_caption",) if i in self.repaired else ()
+        return RawSample(self.keys[i], data, self.captions[i], self.metas[i] if with_meta else None, repaired)

@@ -30,20 +30,38 @@ How samples are ordered and split (the design, and why):
   ``r, r + W, ...``), no shuffling, last batch possibly short, centre crops, and the hard negatives
   of each sample's metadata tokenized into ``Batch.negatives`` when every sample of the batch has all
   three.
-* **Bad samples** (unreadable bytes, undecodable image, empty caption) are skipped and counted by
-  reason in ``loader.skipped`` (samples dropped at indexing are counted there too). A train batch
-  that lost samples is topped up with copies of its good ones, keeping its shape fixed across
-  ranks; an eval batch is just shorter.
+* **Decoders.** ``data.decoder="pillow"``: a torch ``DataLoader`` whose ``num_workers`` processes
+  decode with Pillow and transform with torch ops. ``data.decoder="dali"``: an NVIDIA DALI pipeline
+  with ``num_workers`` threads (at least one) decodes, crops, resizes, flips and normalises
+  (``fastvl.data.dali``; nvJPEG when CUDA is present, and then ``Batch.images`` arrive on the current
+  CUDA device). Either way the Python side reads the samples in the order above, checks them and
+  draws each crop/flip from the same per-sample generator, so both decoders give the same batches
+  (keys, captions, crops, flips; pixels within resampling differences) and the same resume. When
+  DALI is not importable, "dali" falls back to Pillow with a one-line warning.
+* **Bad samples** are skipped and counted by reason, checked before any decoding
+  (``images.probe_image``: empty, truncated, corrupt header, unknown format, more than
+  ``images.MAX_IMAGE_PIXELS`` pixels) or after (``undecodable_image``, ``unreadable_sample``,
+  ``empty_caption``); samples dropped while indexing (missing caption/image, unsafe member name,
+  truncated shard) are counted too. Captions are never skipped for length (the tokenizer truncates
+  to ``data.max_text_len``; text beyond ``CAPTION_CHARS_PER_TOKEN * max_text_len`` characters is cut
+  first so a huge caption costs nothing) nor for bad UTF-8 (decoded with replacement, counted as
+  *repaired*). A train batch that lost samples is topped up with copies of its good ones, keeping
+  its shape fixed across ranks; an eval batch is just shorter.
+* **Reporting.** ``loader.skipped`` / ``loader.repaired`` count by reason since the start (in the
+  checkpoint); ``loader.metrics()`` gives them as flat ``data/...`` scalars for the metrics log; at
+  the end of each epoch (train) or pass (eval) one line per rank is logged (logger
+  ``fastvl.data``) and queued for ``loader.pop_epoch_reports()``.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
 import warnings
-from collections import Counter
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -51,11 +69,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError, RunConfig
 from .batch import Batch
+from .images import BadImage, ImageHeader, dali_decodes_directly, decode_rgb, encode_ppm, probe_image
 from .source import open_source
 from .tokenizer import encode, load_tokenizer
-from .transforms import EvalTransform, TrainTransform, decode_rgb, swap_left_right
+from .transforms import CropPlan, EvalTransform, TrainTransform, swap_left_right
 
 NEGATIVE_TYPES = ("relation_swap", "attribute_swap", "shuffle")
+CAPTION_CHARS_PER_TOKEN = 64
+"""Captions are cut (at a space) to this many characters per token of ``data.max_text_len`` before
+tokenizing: the tokenizer truncates anyway, and a WordPiece token spans far fewer characters."""
+
+log = logging.getLogger("fastvl.data")
 
 
 def shuffle_buffer_order(stream: np.ndarray, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,72 +110,159 @@ def epoch_order(num_samples: int, groups: Optional[list[tuple[int, int]]], seed:
     return shuffle_buffer_order(stream, buffer_size, rng)
 
 
-@dataclass
-class _Sample:
-    key: str
-    pixels: torch.Tensor
-    caption: str
-    negatives: Optional[dict]
+def clean_caption(text: str, max_chars: int) -> str:
+    """Strip ``text`` and cut it to at most ``max_chars`` characters, at the last space if there is
+    one (so no word is split)."""
+    text = text.strip()
+    if len(text) > max_chars:
+        cut = text.rfind(" ", 0, max_chars + 1)
+        text = text[:cut if cut > 0 else max_chars].rstrip()
+    return text
+
+
+Tally = Counter
+"""Counts keyed by ``(epoch, kind, reason)``, kind "skipped" or "repaired"."""
 
 
 @dataclass
 class _Skip:
+    epoch: int
     reason: str
+
+
+@dataclass
+class _Prepared:
+    """A sample read, checked and planned, not decoded yet."""
+
+    epoch: int
+    index: int
+    key: str
+    data: bytes
+    header: ImageHeader
+    plan: CropPlan
+    caption: str
+    negatives: Optional[dict]
+    repaired: tuple[str, ...]
+
+
+@dataclass
+class _Sample:
+    """A decoded, transformed sample (the Pillow path)."""
+
+    key: str
+    pixels: torch.Tensor
+    caption: str
+    negatives: Optional[dict]
+    epoch: int = 0
+    repaired: tuple[str, ...] = ()
+
+
+def _tally(items: Iterable[Union[_Skip, _Sample, _Prepared]]) -> Tally:
+    tally = Tally()
+    for item in items:
+        if isinstance(item, _Skip):
+            tally[(item.epoch, "skipped", item.reason)] += 1
+        else:
+            for reason in item.repaired:
+                tally[(item.epoch, "repaired", reason)] += 1
+    return tally
+
+
+def _refill(good: list, size: int) -> list:
+    """Top ``good`` up to ``size`` items with copies of itself, in order."""
+    return (good * math.ceil(size / len(good)))[:size] if len(good) < size else good
+
+
+class _SampleReader:
+    """The Python side of both decoders: ``prepare`` reads sample ``(epoch, index)``, checks its caption
+    and image header and draws its crop/flip; ``decode`` finishes it with Pillow; ``for_dali`` turns it
+    into what the DALI pipeline takes."""
+
+    def __init__(self, source, transform, seed: int, with_meta: bool, max_caption_chars: int):
+        self.source, self.transform, self.seed, self.with_meta = source, transform, seed, with_meta
+        self.max_caption_chars = max_caption_chars
+
+    def prepare(self, epoch: int, index: int) -> Union[_Prepared, _Skip]:
+        try:
+            raw = self.source.read(index, self.with_meta)
+        except (OSError, ValueError):  # bytes gone or short (a shard changed after indexing), bad JSON
+            return _Skip(epoch, "unreadable_sample")
+        caption = clean_caption(raw.caption, self.max_caption_chars)
+        if not caption:
+            return _Skip(epoch, "empty_caption")
+        try:
+            header = probe_image(raw.image)
+        except BadImage as error:
+            return _Skip(epoch, error.reason)
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")
+        plan = self.transform.plan(header.height, header.width, rng)
+        negatives = raw.meta.get("negatives") if isinstance(raw.meta, dict) else None
+        if isinstance(negatives, dict):
+            negatives = {k: clean_caption(v, self.max_caption_chars) if isinstance(v, str) else v
+                         for k, v in negatives.items()}
+        if plan.flipped:  # a mirrored image needs mirrored words (see transforms.swap_left_right)
+            caption = swap_left_right(caption)
+            if isinstance(negatives, dict):
+                negatives = {k: swap_left_right(v) if isinstance(v, str) else v for k, v in negatives.items()}
+        return _Prepared(epoch, index, raw.key, raw.image, header, plan, caption, negatives, raw.repaired)
+
+    def _decode(self, prepared: _Prepared) -> torch.Tensor:
+        return decode_rgb(prepared.data, self.transform.decode_side, prepared.header)
+
+    def decode(self, prepared: _Prepared) -> Union[_Sample, _Skip]:
+        try:
+            image = self._decode(prepared)
+        except Exception:  # Pillow raises many types for corrupt files; none may stop training
+            return _Skip(prepared.epoch, "undecodable_image")
+        pixels = self.transform.apply(image, prepared.plan)
+        return _Sample(prepared.key, pixels, prepared.caption, prepared.negatives, prepared.epoch, prepared.repaired)
+
+    def for_dali(self, prepared: _Prepared):
+        """A ``dali.DaliSample``: the stored bytes when DALI decodes them like Pillow, else a PPM of the
+        Pillow decode (transparency, rare formats, DCT-scaled huge JPEGs); or a ``_Skip``."""
+        from .dali import DaliSample
+
+        header = prepared.header
+        if dali_decodes_directly(header):
+            box = prepared.plan.box_for(header.height, header.width)
+            return DaliSample(prepared.data, box, prepared.plan.flipped, prepared.index)
+        try:
+            image = self._decode(prepared)
+        except Exception:
+            return _Skip(prepared.epoch, "undecodable_image")
+        box = prepared.plan.box_for(image.shape[1], image.shape[2])
+        return DaliSample(encode_ppm(image), box, prepared.plan.flipped, prepared.index)
 
 
 class _SampleDataset(Dataset):
     """Item ``(epoch, index)`` -> a decoded, transformed ``_Sample`` (or a ``_Skip`` with the reason)."""
 
-    def __init__(self, source, transform, seed: int, with_meta: bool):
-        self.source, self.transform, self.seed, self.with_meta = source, transform, seed, with_meta
+    def __init__(self, reader: _SampleReader):
+        self.reader = reader
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.reader.source)
 
     def __getitem__(self, item: tuple[int, int]):
-        epoch, index = item
-        try:
-            raw = self.source.read(index, self.with_meta)
-        except (OSError, ValueError) as error:  # bad bytes, bad UTF-8, bad JSON
-            return _Skip("unreadable_sample" if not isinstance(error, UnicodeDecodeError) else "bad_caption")
-        caption = raw.caption.strip()
-        if not caption:
-            return _Skip("empty_caption")
-        try:
-            image = decode_rgb(raw.image, self.transform.decode_side)
-        except Exception:  # Pillow raises many types for corrupt files; none may stop training
-            return _Skip("undecodable_image")
-        rng = random.Random(f"{self.seed}:{epoch}:{index}")
-        pixels, flipped = self.transform(image, rng)
-        negatives = raw.meta.get("negatives") if isinstance(raw.meta, dict) else None
-        if flipped:  # a mirrored image needs mirrored words (see transforms.swap_left_right)
-            caption = swap_left_right(caption)
-            if isinstance(negatives, dict):
-                negatives = {k: swap_left_right(v) if isinstance(v, str) else v for k, v in negatives.items()}
-        return _Sample(raw.key, pixels, caption, negatives)
+        prepared = self.reader.prepare(*item)
+        return prepared if isinstance(prepared, _Skip) else self.reader.decode(prepared)
 
 
-class _Collate:
-    """A list of ``_Sample``/``_Skip`` -> ``(Batch or None, Counter of skip reasons)``; tokenizes the
-    captions and (when every sample has them) the three negatives in one call, so all share one L."""
+class _TextEncoder:
+    """Captions (and, when every sample has them, the three negatives) of a list of samples ->
+    ``Batch`` text fields, tokenized in one call so all share one length L."""
 
-    def __init__(self, tokenizer, max_len: int, with_negatives: bool, refill: bool):
-        self.tokenizer, self.max_len, self.with_negatives, self.refill = tokenizer, max_len, with_negatives, refill
+    def __init__(self, tokenizer, max_len: int, with_negatives: bool):
+        self.tokenizer, self.max_len, self.with_negatives = tokenizer, max_len, with_negatives
 
-    def __call__(self, items: list) -> tuple[Optional[Batch], Counter]:
-        skipped = Counter(item.reason for item in items if isinstance(item, _Skip))
-        good = [item for item in items if isinstance(item, _Sample)]
-        if not good:
-            return None, skipped
-        if self.refill and len(good) < len(items):
-            good = (good * math.ceil(len(items) / len(good)))[:len(items)]
-        size = len(good)
-        texts = [s.caption for s in good]
+    def batch(self, samples: list, images: torch.Tensor) -> Batch:
+        size = len(samples)
+        texts = [s.caption for s in samples]
         has_negatives = self.with_negatives and all(
             isinstance(s.negatives, dict) and all(isinstance(s.negatives.get(t), str) for t in NEGATIVE_TYPES)
-            for s in good)
+            for s in samples)
         if has_negatives:
-            texts += [s.negatives[t] for t in NEGATIVE_TYPES for s in good]
+            texts += [s.negatives[t] for t in NEGATIVE_TYPES for s in samples]
         input_ids, attention_mask = encode(self.tokenizer, texts, self.max_len)
         negatives = None
         if has_negatives:
@@ -159,8 +270,35 @@ class _Collate:
                              attention_mask[(k + 1) * size:(k + 2) * size].clone())
                          for k, t in enumerate(NEGATIVE_TYPES)}
             input_ids, attention_mask = input_ids[:size].clone(), attention_mask[:size].clone()
-        images = torch.stack([s.pixels for s in good])
-        return Batch(images, input_ids, attention_mask, [s.key for s in good], negatives), skipped
+        return Batch(images, input_ids, attention_mask, [s.key for s in samples], negatives)
+
+
+class _Collate:
+    """A list of ``_Sample``/``_Skip`` -> ``(Batch or None, Tally)`` (the Pillow path)."""
+
+    def __init__(self, text: _TextEncoder, refill: bool):
+        self.text, self.refill = text, refill
+
+    def __call__(self, items: list) -> tuple[Optional[Batch], Tally]:
+        tally = _tally(items)
+        good = [item for item in items if isinstance(item, _Sample)]
+        if not good:
+            return None, tally
+        if self.refill:
+            good = _refill(good, len(items))
+        return self.text.batch(good, torch.stack([s.pixels for s in good])), tally
+
+
+@dataclass
+class _DaliStep:
+    """One sampler batch, prepared for DALI: ``samples[i]`` is the decodable form of ``prepared[i]``
+    (train batches already topped up to full size; the first ``unique`` entries are distinct)."""
+
+    size: int
+    prepared: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+    unique: int = 0
+    tally: Tally = field(default_factory=Tally)
 
 
 class _TrainBatches:
@@ -196,8 +334,7 @@ class Loader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         data = cfg.data
-        if data.decoder != "pillow":
-            raise ConfigError(f"data.decoder='{data.decoder}' is not available yet; use 'pillow'")
+        self.decoder = resolve_decoder(data.decoder)
         self.split, self.rank, self.world_size = split, rank, world_size
         self.path = data.train if split == "train" else data.eval
         where = f"data.{split}"
@@ -209,17 +346,27 @@ class Loader:
             raise ConfigError(f"{where}: {error}") from None
         self.batch_size, self.num_workers = data.batch_size, data.num_workers
         self.max_text_len, self.shuffle_buffer = data.max_text_len, data.shuffle_buffer
+        self.image_size = data.image_size
         self.seed = cfg.train.seed
         self.tokenizer = load_tokenizer(data.tokenizer)
         self.skipped: Counter = Counter(self.source.skipped)
+        """Samples skipped so far by reason, including those dropped while indexing."""
+        self.repaired: Counter = Counter()
+        """Samples used after a repair, by reason (``non_utf8_caption``)."""
+        self.indexing_skipped: Counter = Counter(self.source.skipped)
+        self._epoch_counts: defaultdict[int, Counter] = defaultdict(Counter)
+        self._reports: list[str] = []
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         if data.image_size <= 0:
             raise ConfigError("data.image_size must be set (RunConfig takes it from the model preset)")
         train = split == "train"
         transform = TrainTransform(data.image_size) if train else EvalTransform(data.image_size)
         with_negatives = (not train) if with_negatives is None else with_negatives
-        self._dataset = _SampleDataset(self.source, transform, self.seed, with_meta=with_negatives)
-        self._collate = _Collate(self.tokenizer, data.max_text_len, with_negatives, refill=train)
+        self._reader = _SampleReader(self.source, transform, self.seed, with_meta=with_negatives,
+                                     max_caption_chars=CAPTION_CHARS_PER_TOKEN * data.max_text_len)
+        self._dataset = _SampleDataset(self._reader)
+        self._text = _TextEncoder(self.tokenizer, data.max_text_len, with_negatives)
+        self._collate = _Collate(self._text, refill=train)
         if train:
             self.num_samples = len(self.source)
             self.samples_per_epoch = self.num_samples // world_size
@@ -231,7 +378,7 @@ class Loader:
             self.samples_per_epoch = len(range(rank, self.num_samples, world_size))
         self._epoch, self._offset = epoch, 0
         self._orders: dict[int, np.ndarray] = {}
-        if self.num_workers > 0:
+        if self.num_workers > 0 and self.decoder == "pillow":
             # the Rust tokenizer's own thread pool does not survive fork; workers are the parallelism
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -267,9 +414,11 @@ class Loader:
         return self._orders[epoch][:usable][self.rank::self.world_size]
 
     def state_dict(self) -> dict:
+        counts = self._epoch_counts.get(self._epoch, Counter())
         return {"split": self.split, "epoch": self._epoch, "samples_in_epoch": self._offset,
                 "world_size": self.world_size, "seed": self.seed, "num_samples": self.num_samples,
-                "skipped": dict(self.skipped)}
+                "skipped": dict(self.skipped), "repaired": dict(self.repaired),
+                "epoch_counts": {f"{kind}/{reason}": n for (kind, reason), n in counts.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the last consumed sample of ``state`` (see the module docstring)."""
@@ -278,7 +427,7 @@ class Loader:
         if state.get("seed", self.seed) != self.seed:
             warnings.warn(f"data: resuming with the checkpoint's seed {state['seed']} (config has {self.seed})")
             self.seed = state["seed"]
-            self._dataset.seed = self.seed
+            self._reader.seed = self.seed
             self._orders = {}
         epoch, offset = int(state["epoch"]), int(state["samples_in_epoch"])
         if state.get("num_samples", self.num_samples) != self.num_samples:
@@ -291,6 +440,52 @@ class Loader:
             epoch, offset = epoch + 1, 0
         self._epoch, self._offset = epoch, offset
         self.skipped = Counter(state.get("skipped", {}))
+        self.repaired = Counter(state.get("repaired", {}))
+        self._epoch_counts = defaultdict(Counter)
+        for name, n in state.get("epoch_counts", {}).items():
+            kind, _, reason = name.partition("/")
+            self._epoch_counts[epoch][(kind, reason)] = n
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative counts for the metrics log: ``data/skipped`` (total), ``data/skipped/<reason>``,
+        ``data/repaired/<reason>``, and ``data/epoch`` (epoch of the next sample)."""
+        out = {"data/epoch": float(self._epoch), "data/skipped": float(sum(self.skipped.values()))}
+        out.update({f"data/skipped/{reason}": float(n) for reason, n in sorted(self.skipped.items())})
+        out.update({f"data/repaired/{reason}": float(n) for reason, n in sorted(self.repaired.items())})
+        return out
+
+    def pop_epoch_reports(self) -> list[str]:
+        """The one-line summaries of the epochs (train) or passes (eval) this rank finished since the
+        last call, oldest first; each is also logged at INFO on the ``fastvl.data`` logger."""
+        reports, self._reports = self._reports, []
+        return reports
+
+    @staticmethod
+    def _format_counts(counts: Counter) -> str:
+        return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def _account(self, tally: Tally) -> None:
+        for (epoch, kind, reason), n in tally.items():
+            (self.skipped if kind == "skipped" else self.repaired)[reason] += n
+            self._epoch_counts[epoch][(kind, reason)] += n
+
+    def _finish_epoch(self, epoch: int) -> None:
+        counts = self._epoch_counts.pop(epoch, Counter())
+        skipped = Counter({reason: n for (kind, reason), n in counts.items() if kind == "skipped"})
+        repaired = Counter({reason: n for (kind, reason), n in counts.items() if kind == "repaired"})
+        what = f"epoch {epoch}" if self.split == "train" else "pass"
+        line = (f"data {self.split} rank {self.rank}/{self.world_size} {what} done: {self.samples_per_epoch} samples, "
+                f"skipped {sum(skipped.values())}")
+        if skipped:
+            line += f" ({self._format_counts(skipped)})"
+        if repaired:
+            line += f", repaired {sum(repaired.values())} ({self._format_counts(repaired)})"
+        if self.indexing_skipped:
+            line += f"; dropped while indexing: {self._format_counts(self.indexing_skipped)}"
+        self._reports.append(line)
+        log.info(line)
 
     # ---- iteration ------------------------------------------------------------------------
 
@@ -299,32 +494,98 @@ class Loader:
             raise TypeError("the train loader is infinite; see batches_per_epoch")
         return self.batches_per_epoch
 
-    def _torch_loader(self, batch_sampler) -> DataLoader:
+    def _torch_loader(self, batch_sampler) -> Iterator[tuple[Optional[Batch], Tally]]:
         extra = {"prefetch_factor": 2} if self.num_workers > 0 else {}
-        return DataLoader(self._dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
-                          collate_fn=self._collate, **extra)
+        return iter(DataLoader(self._dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
+                               collate_fn=self._collate, **extra))
+
+    def _dali_step(self, items: list[tuple[int, int]]) -> _DaliStep:
+        """Read, check and plan one sampler batch for the DALI pipeline (runs in its input callback)."""
+        step = _DaliStep(size=len(items))
+        kept, skips = [], []
+        for epoch, index in items:
+            prepared = self._reader.prepare(epoch, index)
+            sample = prepared if isinstance(prepared, _Skip) else self._reader.for_dali(prepared)
+            if isinstance(sample, _Skip):
+                skips.append(sample)
+            else:
+                kept.append((prepared, sample))
+        step.tally = _tally(skips + [prepared for prepared, _ in kept])
+        step.unique = len(kept)
+        if kept and self.split == "train":
+            kept = _refill(kept, len(items))
+        step.prepared = [prepared for prepared, _ in kept]
+        step.samples = [sample for _, sample in kept]
+        return step
+
+    def _dali_fallback(self, step: _DaliStep) -> tuple[Optional[Batch], Tally]:
+        """A batch DALI failed on: decode its distinct samples with Pillow, skipping what fails."""
+        decoded = [self._reader.decode(prepared) for prepared in step.prepared[:step.unique]]
+        tally = step.tally + _tally(item for item in decoded if isinstance(item, _Skip))
+        good = [item for item in decoded if isinstance(item, _Sample)]
+        if not good:
+            return None, tally
+        if self.split == "train":
+            good = _refill(good, step.size)
+        return self._text.batch(good, torch.stack([s.pixels for s in good])), tally
+
+    def _dali_loader(self, batch_sampler: Iterable[list[tuple[int, int]]]) -> Iterator[tuple[Optional[Batch], Tally]]:
+        from .dali import FAILED, DaliStream, default_device_id
+
+        stream = DaliStream((self._dali_step(items) for items in batch_sampler), batch_size=self.batch_size,
+                            image_size=self.image_size, num_threads=max(1, self.num_workers),
+                            device_id=default_device_id(), seed=self.seed)
+        for step, images in stream:
+            if images is None:
+                yield None, step.tally
+            elif isinstance(images, str) and images == FAILED:
+                yield self._dali_fallback(step)
+            else:
+                yield self._text.batch(step.prepared, images), step.tally
+
+    def _batches(self, batch_sampler) -> Iterator[tuple[Optional[Batch], Tally]]:
+        if self.decoder == "dali":
+            return self._dali_loader(batch_sampler)
+        return self._torch_loader(batch_sampler)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.split == "eval":
             order = self.rank_order(0).tolist()
             batches = [[(0, i) for i in order[s:s + self.batch_size]] for s in range(0, len(order), self.batch_size)]
-            for batch, skipped in self._torch_loader(batches):
-                self.skipped.update(skipped)
+            for batch, tally in self._batches(batches):
+                self._account(tally)
                 if batch is not None:
                     yield self._pin(batch)
+            self._finish_epoch(0)
             return
-        for batch, skipped in self._torch_loader(_TrainBatches(self, self._epoch, self._offset)):
+        for batch, tally in self._batches(_TrainBatches(self, self._epoch, self._offset)):
+            self._account(tally)
             self._offset += self.batch_size
             while self._offset >= self.samples_per_epoch:
+                self._finish_epoch(self._epoch)
                 self._epoch, self._offset = self._epoch + 1, self._offset - self.samples_per_epoch
-            self.skipped.update(skipped)
             if batch is not None:
                 yield self._pin(batch)
 
     def _pin(self, batch: Batch) -> Batch:
-        if self.pin_memory:
+        if self.pin_memory and batch.images.device.type == "cpu":
             batch.images = batch.images.pin_memory()
         return batch
+
+
+def resolve_decoder(name: str) -> str:
+    """``data.decoder`` -> the decoder that will run: "dali" when asked for and importable, else
+    "pillow" (with a one-line warning when DALI was asked for)."""
+    if name not in ("pillow", "dali"):
+        raise ConfigError(f"data.decoder must be 'pillow' or 'dali', got {name!r}")
+    if name == "dali":
+        from .dali import dali_import_error
+
+        error = dali_import_error()
+        if error is not None:
+            log.warning("data.decoder='dali' but DALI is not importable (%s): decoding with Pillow", error)
+            return "pillow"
+    return name
 
 
 def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1, epoch: int = 0, *,

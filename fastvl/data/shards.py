@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..config import ConfigError
-from .source import PathSpec, RawSample
+from .source import PathSpec, RawSample, decode_caption
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 """Member extensions read as the sample's image, in order of preference."""
@@ -100,20 +100,29 @@ class ShardIndex:
     caption: list[tuple[int, int]] = field(default_factory=list)
     meta: list[Optional[tuple[int, int]]] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
-    """Samples dropped while indexing, by reason (missing_image, missing_caption, truncated_shard)."""
+    """Samples dropped while indexing, by reason: missing_image, missing_caption, empty_caption (a
+    zero-byte .txt), empty_image,
+    unsafe_member_name, truncated_sample (the incomplete last sample of a cut-off shard); plus
+    truncated_shard, counted once per damaged shard."""
     shard_starts: list[int] = field(default_factory=list)
     """Index of each shard's first sample (shards keep their samples contiguous)."""
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def _add(self, shard: int, key: str, fields: dict[str, tuple[int, int]]) -> None:
+    def _add(self, shard: int, key: str, fields: dict[str, tuple[int, int]], safe: bool = True) -> None:
         image = next((fields[name] for name in IMAGE_FIELDS if name in fields), None)
         caption = fields.get(CAPTION_FIELD)
-        if image is None:
+        if not safe:
+            self.skipped["unsafe_member_name"] += 1
+        elif image is None:
             self.skipped["missing_image"] += 1
-        elif caption is None or caption[1] == 0:
+        elif caption is None:
             self.skipped["missing_caption"] += 1
+        elif caption[1] == 0:
+            self.skipped["empty_caption"] += 1
+        elif image[1] == 0:
+            self.skipped["empty_image"] += 1
         else:
             self.keys.append(key)
             self.shard.append(shard)
@@ -206,11 +215,23 @@ def scan_tar(path: str) -> tuple[list[tuple[str, int, int]], bool]:
         os.close(fd)
 
 
+def is_safe_member_name(name: str) -> bool:
+    """False for member names that would land outside the folder if the shard were extracted:
+    absolute paths (``/x``, ``\\x``, ``C:x``), any ``..`` component, NUL bytes. We never extract
+    (names are only keys), but such a key would be unsafe in anything that writes files by key, and
+    no honest shard writer produces one, so the sample is skipped."""
+    if not name or "\0" in name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return False
+    return ".." not in re.split(r"[/\\]", name)
+
+
 def index_shards(paths: Sequence[Path]) -> ShardIndex:
     """Scan the tar headers of ``paths`` (payloads are skipped) into a ``ShardIndex``.
 
     A shard that is not a plain tar raises ``ConfigError``; a shard truncated part-way keeps the
-    complete samples before the damage and counts one ``truncated_shard``.
+    complete samples before the damage (the last one too when it still has image and caption) and
+    counts one ``truncated_shard``. Samples with an unsafe member name (``is_safe_member_name``) are
+    skipped.
     """
     index = ShardIndex(paths=[os.fspath(p) for p in paths])
     for shard_id, path in enumerate(index.paths):
@@ -221,16 +242,23 @@ def index_shards(paths: Sequence[Path]) -> ShardIndex:
             raise ConfigError(f"not a readable uncompressed tar shard: {path} ({error})") from None
         if truncated:
             index.skipped["truncated_shard"] += 1
-        key, fields = None, {}
+        key, fields, safe = None, {}, True
         for name, offset, size in members:
             member_key, extension = split_key(name)
             if member_key != key:
                 if key is not None:
-                    index._add(shard_id, key, fields)
-                key, fields = member_key, {}
+                    index._add(shard_id, key, fields, safe)
+                key, fields, safe = member_key, {}, True
             fields[extension] = (offset, size)
-        if key is not None and not truncated:  # after damage the last sample may miss fields
-            index._add(shard_id, key, fields)
+            safe = safe and is_safe_member_name(name)
+        if key is not None:
+            # after damage the last sample may have lost members: keep it only if it has an image
+            # and a caption (a lost .json is optional); otherwise it is a casualty of the truncation
+            complete = any(f in fields for f in IMAGE_FIELDS) and fields.get(CAPTION_FIELD, (0, 0))[1] > 0
+            if truncated and not complete:
+                index.skipped["truncated_sample"] += 1
+            else:
+                index._add(shard_id, key, fields, safe)
     return index
 
 
@@ -301,6 +329,8 @@ class ShardWriter:
         (UTF-8) or a JSON-serialisable value."""
         if "." in key.rpartition("/")[2]:
             raise ValueError(f"sample key must not contain a dot: {key!r}")
+        if not is_safe_member_name(key):
+            raise ValueError(f"sample key must be a relative path without '..': {key!r}")
         if self._archive is None or self._in_shard == self.shard_size:
             self._roll()
         for extension, value in fields.items():
@@ -351,12 +381,14 @@ class ShardSource:
 
     def read(self, i: int, with_meta: bool = False):
         """Image bytes, caption text and (if asked and present) the parsed ``.json`` of sample ``i``.
-        Raises OSError / ValueError on unreadable bytes; the caller decides what to skip."""
+        A caption that is not valid UTF-8 is decoded with U+FFFD replacement characters and marked
+        ``repaired=("non_utf8_caption",)``. Raises OSError / ValueError on unreadable bytes; the
+        caller decides what to skip."""
         index = self.index
         path = index.paths[index.shard[i]]
-        caption = read_range(path, index.caption[i]).decode("utf-8")
+        caption, repaired = decode_caption(read_range(path, index.caption[i]))
         image = read_range(path, index.image[i])
         meta = None
         if with_meta and index.meta[i] is not None:
             meta = json.loads(read_range(path, index.meta[i]))
-        return RawSample(index.keys[i], image, caption, meta)
+        return RawSample(index.keys[i], image, caption, meta, repaired)

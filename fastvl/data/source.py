@@ -25,6 +25,19 @@ class RawSample:
     caption: str
     meta: Optional[dict] = None
     """The sample's metadata (the built-in generator's ``.json``: objects, relations, negatives)."""
+    repaired: tuple[str, ...] = ()
+    """What was fixed while reading (``"non_utf8_caption"``): counted, not skipped."""
+
+
+def decode_caption(data: bytes) -> tuple[str, tuple[str, ...]]:
+    """Caption bytes -> text. Not valid UTF-8: decoded with U+FFFD for each bad byte sequence rather
+    than skipped — the rest of the caption still describes the image, and the BERT tokenizer's
+    normaliser deletes U+FFFD, so only the undecodable characters are lost (``b"caf\\xe9 au lait"``
+    becomes ``"caf au lait"``). Returns the text and ``("non_utf8_caption",)`` when repaired."""
+    try:
+        return data.decode("utf-8"), ()
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), ("non_utf8_caption",)
 
 
 def is_jsonl(spec: PathSpec) -> bool:

@@ -1,10 +1,15 @@
-"""Image decoding (Pillow) and train/eval transforms written with torch ops (torchvision is not
-installable next to this torch).
+"""Train/eval transforms written with torch ops (torchvision is not installable next to this torch).
 
 Every transform takes a uint8 ``[3, H, W]`` image and a ``random.Random`` and returns the model input
 — float32 ``[3, S, S]`` normalised with the ImageNet mean/std, ``x = (pixel / 255 - mean) / std`` —
 plus whether it mirrored the image. Randomness comes only from the passed generator, which the
 loader seeds per (seed, epoch, sample), so augmentations replay exactly on resume.
+
+A transform is two steps so that two decoders can share it: ``plan(height, width, rng)`` draws the
+crop box and the flip from the image's *header* size (a ``CropPlan``), ``apply(image, plan)`` crops,
+resizes, flips and normalises a decoded image — which may have been decoded at a reduced JPEG scale;
+the box is scaled to it. The DALI pipeline (``fastvl.data.dali``) executes the same plans, so both
+decoders crop and flip every sample alike.
 
 Mirroring and captions: a horizontal flip turns "the circle left of the square" into a false
 caption. The train transform flips with probability 0.5 and the loader then swaps the words
@@ -13,43 +18,18 @@ flip (useful augmentation for every other caption) and repair the text instead o
 """
 from __future__ import annotations
 
-import io
 import math
 import random
 import re
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from .images import decode_rgb  # noqa: F401  (re-exported: the Pillow decoder the transforms pair with)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def decode_rgb(data: bytes, min_side: int = 0) -> torch.Tensor:
-    """Decode an encoded image to uint8 ``[3, H, W]`` RGB.
-
-    Grayscale, palette and CMYK images are converted; images with transparency are composited on
-    white (dropping alpha would expose whatever colour hides under transparent pixels). With
-    ``min_side``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides
-    >= ``min_side``, which is much cheaper than decoding large photos at full size.
-    Raises ``OSError``/``ValueError`` (from Pillow) on undecodable bytes.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        if min_side > 0:
-            image.draft("RGB", (min_side, min_side))
-        image.load()
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        if image.mode in ("RGBA", "LA", "PA"):
-            rgba = image.convert("RGBA")
-            image = Image.new("RGB", rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel("A"))
-        elif image.mode != "RGB":
-            image = image.convert("RGB")
-        array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 _NORM_SCALE = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(3, 1, 1)
@@ -96,6 +76,40 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """A crop box ``(top, left, height, width)`` drawn on an image of ``source_size`` (height, width),
+    to be resized to the model input, and whether the result is mirrored."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    source_size: tuple[int, int]
+    flipped: bool = False
+
+    def box_for(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The box on the same image decoded at ``height`` x ``width`` (e.g. at a JPEG DCT scale)."""
+        source_h, source_w = self.source_size
+        if (height, width) == (source_h, source_w):
+            return self.top, self.left, self.height, self.width
+        fy, fx = height / source_h, width / source_w
+        top, left = min(round(self.top * fy), height - 1), min(round(self.left * fx), width - 1)
+        h = max(1, min(round(self.height * fy), height - top))
+        w = max(1, min(round(self.width * fx), width - left))
+        return top, left, h, w
+
+
+def crop_resize_normalize(image: torch.Tensor, plan: CropPlan, size: int) -> torch.Tensor:
+    """``image`` uint8 ``[3, h, w]`` -> the plan's box, resized (antialiased bilinear) to ``size`` x
+    ``size``, mirrored if planned, normalised."""
+    top, left, h, w = plan.box_for(image.shape[1], image.shape[2])
+    pixels = resize(image[:, top:top + h, left:left + w], size, size)
+    if plan.flipped:
+        pixels = pixels.flip(-1)
+    return normalize(pixels)
+
+
 class TrainTransform:
     """Random-resized crop (area fraction ``scale``, aspect ``ratio``) to ``size`` x ``size``, then a
     horizontal flip with probability ``flip_prob``, then ImageNet normalisation."""
@@ -109,17 +123,23 @@ class TrainTransform:
         """Smallest source side that still gives a crop of >= ``size`` pixels (crop side >= ~0.6 of the image)."""
         return 2 * self.size
 
+    def plan(self, height: int, width: int, rng: random.Random) -> CropPlan:
+        """Box first, then the flip: two draws from ``rng`` in a fixed order."""
+        top, left, h, w = random_resized_crop_box(height, width, self.scale, self.ratio, rng)
+        return CropPlan(top, left, h, w, (height, width), rng.random() < self.flip_prob)
+
+    def apply(self, image: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+        return crop_resize_normalize(image, plan, self.size)
+
     def __call__(self, image: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, bool]:
-        top, left, h, w = random_resized_crop_box(image.shape[1], image.shape[2], self.scale, self.ratio, rng)
-        pixels = resize(image[:, top:top + h, left:left + w], self.size, self.size)
-        flipped = rng.random() < self.flip_prob
-        if flipped:
-            pixels = pixels.flip(-1)
-        return normalize(pixels), flipped
+        plan = self.plan(image.shape[1], image.shape[2], rng)
+        return self.apply(image, plan), plan.flipped
 
 
 class EvalTransform:
-    """Resize the shorter side to ``size`` (antialiased), centre-crop ``size`` x ``size``, normalise."""
+    """The centred square of side ``min(H, W)``, resized (antialiased) to ``size`` x ``size``,
+    normalised — the same pixels as resizing the shorter side to ``size`` and centre-cropping, up to
+    rounding, but resizing only the part that is kept."""
 
     def __init__(self, size: int):
         self.size = size
@@ -128,13 +148,15 @@ class EvalTransform:
     def decode_side(self) -> int:
         return self.size
 
+    def plan(self, height: int, width: int, rng: random.Random | None = None) -> CropPlan:
+        side = min(height, width)
+        return CropPlan((height - side) // 2, (width - side) // 2, side, side, (height, width), False)
+
+    def apply(self, image: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+        return crop_resize_normalize(image, plan, self.size)
+
     def __call__(self, image: torch.Tensor, rng: random.Random | None = None) -> tuple[torch.Tensor, bool]:
-        height, width = image.shape[1:]
-        factor = self.size / min(height, width)
-        new_h, new_w = max(self.size, round(height * factor)), max(self.size, round(width * factor))
-        pixels = resize(image, new_h, new_w)
-        top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
-        return normalize(pixels[:, top:top + self.size, left:left + self.size]), False
+        return self.apply(image, self.plan(image.shape[1], image.shape[2])), False
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)

@@ -31,7 +31,11 @@ def build_text_masking(cfg: RunConfig, recipe=None):
     name = cfg.method.text_masking
     if name == "random":
         return RandomCaptionMasking(cfg, special_tokens(cfg))
-    raise ConfigError(f"method.text_masking: unknown policy '{name}' (known: random)")
+    if name == "curriculum":
+        from .curriculum import build_curriculum
+
+        return build_curriculum(cfg, recipe)
+    raise ConfigError(f"method.text_masking: unknown policy '{name}' (known: random, curriculum)")
 
 
 __all__ = ["IGNORE_INDEX", "RandomTextMasking", "SpecialIds", "TextMask", "build_text_masking", "special_tokens"]

@@ -5,11 +5,12 @@ import pytest
 from PIL import Image
 
 from fastvl.config import ConfigError
+from fastvl.data.dali import dali_import_error
 from fastvl.data.jsonl import JsonlSource
 from fastvl.data.loader import build_loader
 from fastvl.data.source import open_source
 
-from .helpers import make_config
+from .helpers import make_config, mean_colour
 
 
 @pytest.fixture()
@@ -53,8 +54,10 @@ def test_missing_and_empty_jsonl_raise_config_errors(tmp_path):
         open_source(str(empty))
 
 
-def test_loader_reads_jsonl_images_of_any_size(jsonl_dataset):
-    cfg = make_config(str(jsonl_dataset), batch_size=4, num_workers=0)
+@pytest.mark.parametrize("decoder", ["pillow", pytest.param("dali", marks=pytest.mark.skipif(
+    dali_import_error() is not None, reason=f"DALI not importable: {dali_import_error()}"))])
+def test_loader_reads_jsonl_images_of_any_size(jsonl_dataset, decoder):
+    cfg = make_config(str(jsonl_dataset), batch_size=4, num_workers=0, decoder=decoder)
     batch = next(iter(build_loader(cfg, "eval")))
     assert batch.images.shape == (4, 3, 64, 64)
     assert batch.keys == ["data:1", "data:2", "data:4", "data:7"]
@@ -62,3 +65,17 @@ def test_loader_reads_jsonl_images_of_any_size(jsonl_dataset):
     keys = [k for _ in range(7) for k in next(train).keys]
     # 7 samples, batches of 4: the first 7 positions are one full epoch
     assert sorted(keys[:7]) == sorted(open_source(str(jsonl_dataset)).keys)
+    colours = {f"data:{line}": i for i, line in enumerate((1, 2, 4, 7))}  # image i is (40 i, 100, 50)
+    for row, key in enumerate(batch.keys):
+        assert abs(mean_colour(batch.images[row])[0] - 40 * colours[key]) < 2
+
+
+def test_a_non_utf8_line_is_read_with_replacement_and_counted(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_bytes(b'{"image": "a.png", "caption": "caf\xe9 noir"}\n'
+                                       b'{"image": "a.png", "caption": "plain"}\n')
+    source = open_source(str(tmp_path / "d.jsonl"))
+    assert [source.read(i).caption for i in range(2)] == ["caf\ufffd noir", "plain"]
+    assert source.read(0).repaired == ("non_utf8_caption",) and source.read(1).repaired == ()
+    loader = build_loader(make_config(str(tmp_path / "d.jsonl"), batch_size=2, num_workers=0), "eval")
+    assert len(next(iter(loader))) == 2 and loader.repaired == {"non_utf8_caption": 1}

@@ -207,13 +207,9 @@ def test_malformed_samples_are_skipped_counted_and_train_batches_keep_their_size
     assert sorted(keys_of(eval_batches)) == [f"ok{i}" for i in range(6)]
     loader = build_loader(cfg, "eval")
     list(loader)
-    assert loader.skipped == {"undecodable_image": 1, "empty_caption": 1, "missing_caption": 1}
+    # the header check classifies the garbage before any decoder sees it: its first segment runs past the end
+    assert loader.skipped == {"truncated_image": 1, "empty_caption": 1, "missing_caption": 1}
     train = build_loader(cfg, "train")
     batch = next(iter(train))
     assert len(batch) == 8 and set(batch.keys) == {f"ok{i}" for i in range(6)}
-    assert train.skipped["undecodable_image"] == 1 and train.skipped["empty_caption"] == 1
-
-
-def test_unavailable_decoder_is_refused_at_construction(synth_dir):
-    with pytest.raises(ConfigError, match="data.decoder='dali'"):
-        build_loader(train_config(synth_dir, decoder="dali"), "train")
+    assert train.skipped["truncated_image"] == 1 and train.skipped["empty_caption"] == 1

@@ -87,22 +87,31 @@ def test_samples_without_image_or_caption_are_skipped_and_counted(tmp_path):
         writer.write("noimage", {"txt": "text only", "json": {}})
     index = index_shards(resolve_shard_paths(tmp_path))
     assert index.keys == ["good"]
-    assert index.skipped == {"missing_caption": 2, "missing_image": 1}
+    assert index.skipped == {"missing_caption": 1, "empty_caption": 1, "missing_image": 1}
 
 
-def test_truncated_shard_keeps_the_samples_before_the_damage(tmp_path):
+@pytest.mark.parametrize("cut_inside, kept, casualties", [
+    ("s02.json", 3, 0),  # the last sample lost only its optional metadata: still a good sample
+    ("s02.txt", 2, 1),  # the last sample lost its caption
+    ("s01.jpg", 1, 0),  # cut in the first member of a sample: nothing of it was indexed
+])
+def test_truncated_shard_keeps_the_samples_before_the_damage(tmp_path, cut_inside, kept, casualties):
     (path,) = write_shards(tmp_path, count=3, shard_size=3)
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    members = {name: (offset, size) for name, offset, size in scan_tar(str(path))[0]}
+    offset, size = members[cut_inside]
+    path.write_bytes(path.read_bytes()[:offset + size // 2])
     source = ShardSource(tmp_path)
-    assert 1 <= len(source) < 3
-    assert source.skipped["truncated_shard"] == 1
-    assert source.read(0).caption == "caption 0"
+    assert source.keys == [f"s{i:02d}" for i in range(kept)]
+    assert source.skipped == ({"truncated_shard": 1, "truncated_sample": 1} if casualties else {"truncated_shard": 1})
+    assert [source.read(i).caption for i in range(kept)] == [f"caption {i}" for i in range(kept)]
 
 
 def test_writer_refuses_dotted_keys_and_drops_a_half_written_shard(tmp_path):
     with pytest.raises(ValueError, match="dot"):
         ShardWriter(tmp_path / "a").write("a.b", {"txt": "x"})
+    for unsafe in ("../up", "/abs", "dir/../../up"):
+        with pytest.raises(ValueError, match="relative path"):
+            ShardWriter(tmp_path / "a").write(unsafe, {"txt": "x"})
     with pytest.raises(RuntimeError):
         with ShardWriter(tmp_path / "b", 10) as writer:
             writer.write("k", {"txt": "x"})

@@ -1,0 +1,591 @@
+"""C-Mask's curriculum masking: a PPO agent that picks masked spans and their factorization order to
+maximise the cross-modal flow the main model's attention shows (C-Mask sections 3.2-3.3, appendix E).
+
+Pieces (each usable on its own, tested in tests/methods/test_cmask.py):
+
+- ``CurriculumOptions``: every switch, with the paper's defaults (quota 50%, top-8, clip 0.2,
+  entropy coefficient 0.1, agent LR 1e-4, whole-batch updates).
+- ``MaskingAgent``: input projections of the *shared* backbone features (the main model's first half
+  of layers; they arrive detached, so no gradient reaches the backbone from the agent) + its own
+  ``agent_layers`` BERT layers over ``[image | text]`` + heads: start logits (p = softmax over the
+  valid word positions), span continuation (s = sigmoid), order scores (q, Plackett-Luce logits) and
+  a value head (mean-pooled state -> scalar V(s)).
+- ``RewardMeter``: an attention observer. For every observed layer it calls the fused
+  ``value_weighted_topk_reward`` on (destination rows = text + pseudo-mask rows) x (source = image
+  tokens) and keeps the head mean [B, T]. No gradient; it reads detached q/k/v, so the main model's
+  autograd is untouched.
+- ``episode_return``: layerwise normalisation + average over layers -> R [B, T];
+  G = sum_{prediction rows} R + mean_{caption rows} R (eq. in section 3.3).
+- ``CurriculumMasking``: the policy. ``select`` samples an action with ``fastvl_kernels.sample_spans``,
+  ``finish`` attaches the return, ``learn`` runs PPO. It is an ``nn.Module`` *without* registered
+  parameters: the agent (fp32, its own Adam) is held outside the module tree so that DeepSpeed neither
+  optimises nor down-casts it; its parameters, optimizer state, running reward statistics and the
+  pending rollout travel in the recipe's ``state_dict`` through ``get_extra_state`` (a uint8 tensor
+  of the serialised state, which every checkpoint path handles as an ordinary tensor).
+
+Layerwise normalisation (``reward_layer_norm``): eq. 4 already divides each row by its mean over the
+image tokens; layers then differ in scale (deeper layers attend more sharply). "running" (default)
+divides layer l's head-mean reward by a running mean (momentum ``reward_norm_momentum``, initialised
+with the first batch) of that layer's mean reward over the real destination rows, updated from the
+learned rollouts only, so learned and random masks of one batch are compared on the same scale;
+"batch" divides by this batch's mean of that layer; "none" skips it. Layers are then averaged.
+
+Schedule (``update_delay``): masks for batch t are sampled at the start of forward(t) by the agent
+with its parameters after all updates so far; after the optimizer step of batch t the agent learns
+from batch t's rollout (delay 0) or from batch t-1's (delay 1, default: the paper's parallel agent
+learns one batch behind; the rollout of batch t then waits, checkpointed, for step t+1). On CPU both
+run in order; nothing depends on timing.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fastvl_kernels import SpanSample, sample_spans, span_action_log_prob, value_weighted_topk_reward
+
+from ..config import ConfigError, RunConfig
+from ..dist import rank_and_world
+from ..models.bert import BertLayer
+from ..models.init import init_weights
+from .text import IGNORE_INDEX, TextMask
+
+MASK_SELECTIONS = ("learned", "random")
+SPAN_MODES = ("learned", "random", "none")
+ORDER_MODES = ("learned", "random", "left_to_right", "single")
+LAYER_NORMS = ("running", "batch", "none")
+
+
+@dataclass
+class CurriculumOptions:
+    quota: float = 0.5
+    """Fraction of each caption's words masked (paper: 50%)."""
+    mask_selection: str = "learned"
+    """Start positions: "learned" (agent's p) or "random" (uniform)."""
+    spans: str = "learned"
+    """Span extension: "learned" (agent's s), "random" (constant ``random_span_prob``), "none" (single tokens)."""
+    random_span_prob: float = 0.5
+    """Continuation probability of ``spans="random"``."""
+    order: str = "learned"
+    """Factorization order: "learned" (Plackett-Luce over q), "random", "left_to_right", "single" (one step = MLM)."""
+    agent_layers: int = 4
+    """The agent's own transformer layers on top of the shared ones (paper: 4, algorithm 1: 3)."""
+    shared_layers: Optional[int] = None
+    """Backbone layers shared with the agent; None = half of them (paper: 6 of 12)."""
+    agent_lr: float = 1e-4
+    ppo_clip: float = 0.2
+    entropy_coef: float = 0.1
+    value_coef: float = 0.5
+    """Weight of the value MSE in the agent's loss (the paper trains V with its own step; one Adam
+    over the sum is equivalent up to this scale)."""
+    ppo_epochs: int = 1
+    """PPO passes over each whole-batch rollout (paper: whole-batch updates, no minibatches)."""
+    update_delay: int = 1
+    """0: learn from batch t after step t; 1: learn from batch t-1 (parallel-agent schedule)."""
+    reward_topk: int = 8
+    reward_layer_norm: str = "running"
+    reward_norm_momentum: float = 0.99
+    random_reward_every: int = 10
+    """Every N steps also measure G for a random mask of the same quota on the same batch (0 = never)."""
+
+    def __post_init__(self):
+        def check(ok, message):
+            if not ok:
+                raise ConfigError(f"method.options.{message}")
+
+        check(0.0 < self.quota <= 1.0, "quota must be in (0, 1]")
+        check(self.mask_selection in MASK_SELECTIONS, f"mask_selection must be one of {MASK_SELECTIONS}")
+        check(self.spans in SPAN_MODES, f"spans must be one of {SPAN_MODES}")
+        check(0.0 <= self.random_span_prob < 1.0, "random_span_prob must be in [0, 1)")
+        check(self.order in ORDER_MODES, f"order must be one of {ORDER_MODES}")
+        check(self.agent_layers >= 0, "agent_layers must be >= 0")
+        check(self.shared_layers is None or self.shared_layers >= 0, "shared_layers must be >= 0")
+        check(self.agent_lr > 0, "agent_lr must be positive")
+        check(self.ppo_clip > 0, "ppo_clip must be positive")
+        check(self.entropy_coef >= 0 and self.value_coef >= 0, "entropy_coef and value_coef must be >= 0")
+        check(self.ppo_epochs >= 1, "ppo_epochs must be >= 1")
+        check(self.update_delay in (0, 1), "update_delay must be 0 or 1")
+        check(self.reward_topk >= 1, "reward_topk must be >= 1")
+        check(self.reward_layer_norm in LAYER_NORMS, f"reward_layer_norm must be one of {LAYER_NORMS}")
+        check(0.0 <= self.reward_norm_momentum < 1.0, "reward_norm_momentum must be in [0, 1)")
+        check(self.random_reward_every >= 0, "random_reward_every must be >= 0")
+
+    @property
+    def learns(self) -> bool:
+        """Whether any part of the action comes from the agent (else there is nothing to train)."""
+        return self.mask_selection == "learned" or self.spans == "learned" or self.order == "learned"
+
+
+# ---------------------------------------------------------------------------------------------
+# the agent network
+
+
+@dataclass
+class AgentOutput:
+    start_logits: torch.Tensor  # [B, L] over the caption columns
+    cont_logits: torch.Tensor  # [B, L]
+    order_scores: torch.Tensor  # [B, L]
+    value: torch.Tensor  # [B]
+
+
+class MaskingAgent(nn.Module):
+    """Own layers + heads over the shared features ``[image | text]`` (all fp32)."""
+
+    def __init__(self, image_width: int, text_width: int, width: int, heads: int, intermediate: int, layers: int):
+        super().__init__()
+        self.image_in = nn.Linear(image_width, width)
+        self.text_in = nn.Linear(text_width, width)
+        self.modality = nn.Parameter(torch.zeros(2, width))
+        self.layers = nn.ModuleList(BertLayer(width, heads, intermediate, "sdpa", 0.0) for _ in range(layers))
+        self.action_heads = nn.Linear(width, 3)  # start logit, continuation logit, order score
+        self.value_head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+        self.apply(init_weights)
+
+    def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor, text_padding: torch.Tensor) -> AgentOutput:
+        b, n_img = image_feats.shape[:2]
+        x = torch.cat([self.image_in(image_feats.float()) + self.modality[0],
+                       self.text_in(text_feats.float()) + self.modality[1]], dim=1)
+        padding = torch.cat([text_padding.new_ones(b, n_img), text_padding], 1).bool()
+        for layer in self.layers:
+            x = layer(x, padding)
+        text = x[:, n_img:]
+        start, cont, order = self.action_heads(text).unbind(-1)
+        weights = padding.float().unsqueeze(-1)
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return AgentOutput(start, cont, order, self.value_head(pooled).squeeze(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the reward
+
+
+class RewardMeter:
+    """Attention observer: per observed layer, the eq.-4 reward of every destination row, head mean.
+
+    ``n_image``: for self-attention over ``[image | text ...]`` the first ``n_image`` keys are the
+    sources and the remaining rows the destinations; for cross-attention (``accept`` names a
+    cross-attention module, ALBEF) all keys are sources and all rows destinations.
+    ``row_mask`` [B, T] marks real destination rows. ``layers`` collects [B, T] float32 per layer.
+    """
+
+    def __init__(self, n_image: int, row_mask: torch.Tensor, topk: int = 8,
+                 accept: Optional[Callable[[str], bool]] = None, cross: bool = False):
+        self.n_image, self.row_mask, self.topk = n_image, row_mask.bool(), topk
+        self.accept, self.cross = accept, cross
+        self.layers: list[torch.Tensor] = []
+
+    def __call__(self, name, q, k, v, key_padding_mask):
+        if self.accept is not None and not self.accept(name):
+            return
+        with torch.no_grad():
+            if self.cross:
+                rows, keys, values = q, k, v
+                source_mask = key_padding_mask
+            else:
+                rows, keys, values = q[:, :, self.n_image:], k[:, :, :self.n_image], v[:, :, :self.n_image]
+                source_mask = None if key_padding_mask is None else key_padding_mask[:, :self.n_image]
+            reward = value_weighted_topk_reward(rows.detach().float(), keys.detach().float(), values.detach().float(),
+                                                source_mask=source_mask, query_mask=self.row_mask, topk=self.topk)
+            self.layers.append(reward.mean(1))
+
+    def stacked(self) -> torch.Tensor:
+        if not self.layers:
+            raise RuntimeError("RewardMeter observed no attention layer")
+        return torch.stack(self.layers)  # [layers, B, T]
+
+
+def layer_means(layer_rewards: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """[layers] mean reward of each layer over the real destination rows."""
+    w = row_mask.float()
+    return (layer_rewards * w).sum((1, 2)) / w.sum().clamp(min=1)
+
+
+def episode_return(layer_rewards: torch.Tensor, row_mask: torch.Tensor, predict_rows: torch.Tensor,
+                   caption_rows: torch.Tensor, mode: str = "batch",
+                   scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R [B, T], G [B]) from per-layer rewards [layers, B, T].
+
+    R = mean_l R_l / c_l with c_l = 1 ("none"), this batch's mean of layer l over real rows ("batch"),
+    or the given running ``scale[l]`` ("running"). G = sum over ``predict_rows`` of R + mean over
+    ``caption_rows`` of R."""
+    if mode == "none":
+        norm = torch.ones(layer_rewards.shape[0], device=layer_rewards.device)
+    elif mode == "batch":
+        norm = layer_means(layer_rewards, row_mask)
+    else:
+        norm = scale
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+    reward = (layer_rewards / norm[:, None, None]).mean(0) * row_mask.float()
+    caption = caption_rows.float()
+    mean_caption = (reward * caption).sum(1) / caption.sum(1).clamp(min=1)
+    return reward, (reward * predict_rows.float()).sum(1) + mean_caption
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy
+
+
+@dataclass
+class Rollout:
+    """One whole-batch episode: the agent's inputs (detached), the action, and (after ``finish``) G."""
+
+    image_feats: torch.Tensor
+    text_feats: torch.Tensor
+    text_padding: torch.Tensor
+    lengths: torch.Tensor  # [B] words per caption (the action space: caption columns 1..length)
+    sample: SpanSample  # over the word columns [B, L-1]
+    old_log_prob: torch.Tensor
+    returns: Optional[torch.Tensor] = None
+    step: int = 0
+
+
+@dataclass
+class MaskChoice:
+    """A sampled mask in caption coordinates."""
+
+    mask: torch.Tensor  # [B, L] bool
+    step: torch.Tensor  # [B, L] long, factorization step (>= 1 where masked)
+    rollout: Optional[Rollout] = None  # None for the random baseline or when nothing is learned
+    entropy: Optional[torch.Tensor] = None  # [B] the action's entropy estimate
+
+
+class CurriculumMasking(nn.Module):
+    """The curriculum policy (see the module docstring). ``width``/``heads``/``intermediate`` size the
+    agent's own layers; ``image_width``/``text_width`` are the widths of the shared features."""
+
+    def __init__(self, options: CurriculumOptions, *, image_width: int, text_width: int, width: int, heads: int,
+                 intermediate: int, seed: int = 0):
+        super().__init__()
+        self.options = options
+        self.seed = seed
+        agent = MaskingAgent(image_width, text_width, width, heads, intermediate, options.agent_layers)
+        # held outside the module tree: fp32, own optimizer, invisible to DeepSpeed (see module docstring)
+        object.__setattr__(self, "agent", agent)
+        object.__setattr__(self, "agent_optimizer", torch.optim.Adam(agent.parameters(), lr=options.agent_lr))
+        self.reward_scale: Optional[torch.Tensor] = None  # running per-layer means ("running")
+        self.pending: list[Rollout] = []  # rollouts with returns, waiting for ``learn``
+        self.last_metrics: dict[str, torch.Tensor] = {}
+        self.last_random_return: Optional[torch.Tensor] = None
+
+    # -- device / dtype: the agent follows the device of the recipe, never its dtype -------------
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros(()))
+        if probe.device != next(self.agent.parameters()).device:
+            self.agent.to(probe.device)
+            state = self.agent_optimizer.state
+            for s in state.values():
+                for key, value in s.items():
+                    if isinstance(value, torch.Tensor) and key != "step":
+                        s[key] = value.to(probe.device)
+        return super()._apply(fn, recurse)
+
+    # -- acting ---------------------------------------------------------------------------------
+
+    def action_space(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Words per caption: columns 1 .. n-2 of ``[CLS] words [SEP]`` (the agent never masks specials)."""
+        return (attention_mask.long().sum(1) - 2).clamp(min=0)
+
+    def distributions(self, out: AgentOutput, lengths: torch.Tensor):
+        """(p, s, q) over the word columns [B, L-1] (fp32): p is a softmax over the valid positions
+        (invalid -> 0) or uniform; s the sigmoid of the continuation logits, a constant, or 0."""
+        o = self.options
+        start = out.start_logits[:, 1:].float()
+        valid = torch.arange(start.shape[1], device=start.device) < lengths[:, None]
+        if o.mask_selection == "learned":
+            p = start.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
+        else:
+            p = valid.float()
+        if o.spans == "learned":
+            s = torch.sigmoid(out.cont_logits[:, 1:].float())
+        else:
+            s = torch.full_like(start, o.random_span_prob if o.spans == "random" else 0.0)
+        q = out.order_scores[:, 1:].float() if o.order == "learned" else None
+        return p, s, q
+
+    def sample_seed(self, step: int, stream: int = 0) -> int:
+        rank, _ = rank_and_world()
+        return ((self.seed * 1_000_003 + step) * 1_009 + stream) * 65_537 + rank
+
+    def select(self, image_feats: torch.Tensor, text_feats: torch.Tensor, attention_mask: torch.Tensor,
+               step: int, *, random: bool = False) -> MaskChoice:
+        """Sample masks + order for a batch from the shared features (detached here). ``random=True``
+        samples the same-quota random baseline (uniform starts, same span/order modes without learning)."""
+        o = self.options
+        if o.learns:
+            image_feats, text_feats = image_feats.detach().float(), text_feats.detach().float()
+        padding = attention_mask.bool()
+        lengths = self.action_space(attention_mask)
+        with torch.no_grad():
+            if o.learns:
+                p, s, q = self.distributions(self.agent(image_feats, text_feats, padding), lengths)
+            else:  # nothing comes from the agent: skip its forward
+                random = True
+                p = s = torch.zeros(attention_mask.shape[0], attention_mask.shape[1] - 1, device=attention_mask.device)
+                q = None
+            order = o.order
+            if random:
+                p = (torch.arange(p.shape[1], device=p.device) < lengths[:, None]).float()
+                s = torch.full_like(s, o.random_span_prob) if o.spans != "none" else torch.zeros_like(s)
+                order, q = ("random" if o.order == "learned" else o.order), None
+            sample = sample_spans(p, s, lengths, o.quota, self.sample_seed(step, 1 if random else 0),
+                                  order_scores=q, order=order)
+            old_log_prob, _ = span_action_log_prob(p, s, lengths, o.quota, sample, order_scores=q, order=order)
+        b, length = attention_mask.shape
+        mask = torch.zeros(b, length, dtype=torch.bool, device=attention_mask.device)
+        steps = torch.zeros(b, length, dtype=torch.long, device=attention_mask.device)
+        mask[:, 1:] = sample.mask
+        steps[:, 1:] = sample.step
+        rollout = None if (random or not o.learns) else Rollout(image_feats, text_feats, padding, lengths, sample, old_log_prob, step=step)
+        return MaskChoice(mask, steps, rollout, sample.entropy)
+
+    def forward(self, batch, step: int) -> TextMask:
+        """The plain policy interface (``text_masking(batch, step) -> TextMask``), for recipes that do not
+        drive the agent themselves (MAMO's text view). Needs a host set by ``attach_host``; see there."""
+        if self.host is None:
+            raise ConfigError("the curriculum policy needs the recipe's backbone: build it with "
+                              "build_text_masking(cfg, recipe) from a recipe with an ALBEF-layout backbone, or use "
+                              "method.name='cmask'")
+        return self.host_step(batch, step)
+
+    # -- hosted mode: the policy of another recipe's MLM (composition) --------------------------
+
+    def attach_host(self, recipe, special, text_view_last: bool = True) -> None:
+        """Drive the agent from inside ``recipe``'s text masking call (MAMO: ``method.text_masking=
+        "curriculum"``). Per call t: (1) the episode of call t-1 is closed with the reward its fusion
+        forward produced and queued, and due rollouts are learned (PPO); (2) the shared features of
+        batch t are computed under no_grad from ``recipe.backbone`` (ViT output + text encoder output,
+        the ALBEF mount); (3) the agent samples the mask ([MASK] in place, one step); (4) a one-shot
+        observer is armed on the fusion encoder's self-attention: the next ``fusion layers`` calls give
+        the reward, reading the last B rows of the fused batch (MAMO fuses its two views as
+        ``cat([image view, text view])``) with the image tokens first and the caption last."""
+        object.__setattr__(self, "host", recipe)
+        self.special = special
+        self.text_view_last = text_view_last
+        self.armed: Optional[tuple] = None
+
+    host = None
+
+    def _fusion_attention(self):
+        from ..models.attention import ObservedAttention
+
+        fusion = self.host.backbone.fusion_encoder
+        return [m for m in fusion.modules() if isinstance(m, ObservedAttention) and not m.is_cross]
+
+    def host_step(self, batch, step: int) -> TextMask:
+        self._close_episode()
+        if self.host.training:
+            self.learn()
+        bb = self.host.backbone
+        with torch.no_grad():
+            image_feats = bb.encode_image(batch.images)
+            text_feats = bb.encode_text(batch.input_ids, batch.attention_mask)
+        choice = self.select(image_feats, text_feats, batch.attention_mask, step)
+        ids = torch.where(choice.mask, torch.full_like(batch.input_ids, self.special.mask), batch.input_ids)
+        labels = torch.where(choice.mask, batch.input_ids, torch.full_like(batch.input_ids, IGNORE_INDEX))
+        if self.host.training:
+            self._arm(choice, batch.attention_mask)
+        return TextMask(ids, labels)
+
+    def _arm(self, choice: MaskChoice, attention_mask: torch.Tensor) -> None:
+        modules = self._fusion_attention()
+        b, length = attention_mask.shape
+        meter = RewardMeter(0, attention_mask.bool(), self.options.reward_topk)
+        seen = []
+
+        def observe(name, q, k, v, key_padding_mask):
+            rows = slice(q.shape[0] - b, q.shape[0]) if self.text_view_last else slice(0, b)
+            meter.n_image = q.shape[2] - length
+            meter(name, q[rows], k[rows], v[rows], None if key_padding_mask is None else key_padding_mask[rows])
+            seen.append(name)
+            if len(seen) == len(modules):  # one full fused pass observed: disarm
+                for m in modules:
+                    m.observer = None
+
+        for m in modules:
+            m.observer = observe
+        self.armed = (choice, meter, attention_mask.bool())
+
+    def _close_episode(self) -> None:
+        if self.armed is None:
+            return
+        choice, meter, caption = self.armed
+        self.armed = None
+        for m in self._fusion_attention():
+            m.observer = None
+        if len(meter.layers) != len(self._fusion_attention()):
+            return  # the recipe did not run the text view (e.g. a loss switched off): no episode
+        _, returns = self.compute_return(meter, choice.mask, caption, update_scale=True)
+        self.finish(choice, returns)
+        self.last_metrics = {**self.last_metrics, "reward": returns.mean().detach()}
+
+    # -- rewards --------------------------------------------------------------------------------
+
+    def compute_return(self, meter: RewardMeter, predict_rows: torch.Tensor, caption_rows: torch.Tensor,
+                       update_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, G) for the layers ``meter`` observed; "running" updates its scale when ``update_scale``."""
+        o = self.options
+        layers = meter.stacked()
+        if o.reward_layer_norm == "running":
+            means = layer_means(layers, meter.row_mask)
+            if self.reward_scale is None or self.reward_scale.shape != means.shape:
+                self.reward_scale = means.clone()
+            elif update_scale:
+                m = o.reward_norm_momentum
+                self.reward_scale = m * self.reward_scale.to(means.device) + (1 - m) * means
+        return episode_return(layers, meter.row_mask, predict_rows, caption_rows, o.reward_layer_norm,
+                              None if self.reward_scale is None else self.reward_scale.to(layers.device))
+
+    def finish(self, choice: MaskChoice, returns: torch.Tensor) -> None:
+        """Attach G [B] to the rollout of ``choice`` and queue it for ``learn``."""
+        if choice.rollout is None or not self.options.learns:
+            return
+        choice.rollout.returns = returns.detach().float()
+        self.pending.append(choice.rollout)
+
+    # -- learning -------------------------------------------------------------------------------
+
+    def learn(self) -> dict[str, torch.Tensor]:
+        """PPO on the queued rollouts that are due (all but the newest ``update_delay``)."""
+        metrics = {}
+        while len(self.pending) > self.options.update_delay:
+            metrics = self.ppo_update(self.pending.pop(0))
+        if metrics:
+            self.last_metrics = metrics
+        return metrics
+
+    def ppo_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Whole-batch PPO (appendix E). With r = exp(log pi(a|s) - log pi_old(a|s)), A = G - V(s):
+
+            L = -mean_b min(r A, clip(r, 1-eps, 1+eps) A) - beta mean_b H + c_v mean_b (V - G)^2
+
+        H is the unbiased entropy estimator of the composite action (sum of conditional entropies
+        along the sampled trajectory, ``span_action_log_prob``). Gradients reach only the agent."""
+        o = self.options
+        agent, optimizer = self.agent, self.agent_optimizer
+        device = next(agent.parameters()).device
+        r = {k: getattr(rollout, k).to(device) for k in ("image_feats", "text_feats", "text_padding", "lengths",
+                                                           "old_log_prob", "returns")}
+        sample = SpanSample(*(t.to(device) for t in rollout.sample))
+        agent.train()
+        stats = {}
+        with torch.enable_grad():
+            for _ in range(o.ppo_epochs):
+                out = agent(r["image_feats"], r["text_feats"], r["text_padding"])
+                p, s, q = self.distributions(out, r["lengths"])
+                log_prob, entropy = span_action_log_prob(p, s, r["lengths"], o.quota, sample, order_scores=q,
+                                                         order=o.order)
+                advantage = r["returns"] - out.value.detach()
+                ratio = torch.exp(log_prob - r["old_log_prob"])
+                clipped = ratio.clamp(1 - o.ppo_clip, 1 + o.ppo_clip)
+                policy_loss = -torch.minimum(ratio * advantage, clipped * advantage).mean()
+                value_loss = F.mse_loss(out.value, r["returns"])
+                loss = policy_loss - o.entropy_coef * entropy.mean() + o.value_coef * value_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                _average_gradients(agent)
+                optimizer.step()
+                stats = {"agent_value_loss": value_loss.detach(), "agent_policy_loss": policy_loss.detach(),
+                         "agent_entropy": entropy.detach().mean(),
+                         "agent_clip_fraction": ((ratio - 1).abs() > o.ppo_clip).float().mean().detach(),
+                         "agent_advantage": advantage.mean().detach()}
+        return stats
+
+    # -- checkpointing: agent, its optimizer, reward scale and the pending rollouts -------------
+
+    def agent_state(self) -> dict:
+        cpu = lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+
+        def rollout_state(ro: Rollout) -> dict:
+            return {"image_feats": cpu(ro.image_feats), "text_feats": cpu(ro.text_feats),
+                    "text_padding": cpu(ro.text_padding), "lengths": cpu(ro.lengths),
+                    "sample": [cpu(t) for t in ro.sample], "old_log_prob": cpu(ro.old_log_prob),
+                    "returns": cpu(ro.returns), "step": ro.step}
+
+        return {"agent": {k: cpu(v) for k, v in self.agent.state_dict().items()},
+                "optimizer": self.agent_optimizer.state_dict(),
+                "reward_scale": cpu(self.reward_scale),
+                "pending": [rollout_state(ro) for ro in self.pending],
+                # reported metrics carried between steps, so a resumed run logs what a straight one does
+                "last_metrics": {k: cpu(v) for k, v in self.last_metrics.items()},
+                "last_random_return": cpu(self.last_random_return)}
+
+    def load_agent_state(self, state: dict) -> None:
+        device = next(self.agent.parameters()).device
+        self.agent.load_state_dict(state["agent"])
+        self.agent_optimizer.load_state_dict(state["optimizer"])
+        scale = state["reward_scale"]
+        self.reward_scale = None if scale is None else scale.to(device)
+        self.pending = [Rollout(ro["image_feats"], ro["text_feats"], ro["text_padding"], ro["lengths"],
+                                SpanSample(*ro["sample"]), ro["old_log_prob"], ro["returns"], ro["step"])
+                        for ro in state["pending"]]
+        self.last_metrics = dict(state.get("last_metrics", {}))
+        self.last_random_return = state.get("last_random_return")
+
+    def get_extra_state(self) -> torch.Tensor:
+        buffer = io.BytesIO()
+        torch.save(self.agent_state(), buffer)
+        return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor):
+            state = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), map_location="cpu", weights_only=False)
+        self.load_agent_state(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Evaluation-only checkpoints (ZeRO 1-3 fp32 reconstruction keeps parameters and buffers only)
+        # may lack the agent; it is training state, so a fresh agent is acceptable there.
+        if prefix + "_extra_state" in state_dict:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+
+
+def _average_gradients(module: nn.Module) -> None:
+    """Whole-batch update over the global batch: average the agent's gradients across ranks."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def build_curriculum(cfg: RunConfig, recipe, options: Optional[CurriculumOptions] = None) -> CurriculumMasking:
+    """The policy for ``recipe``. A recipe that drives the agent itself (cmask) provides
+    ``curriculum_widths()``; any other recipe with an ALBEF-layout backbone (``encode_image``,
+    ``encode_text``, a ``fusion_encoder`` with self-attention over [image | text], e.g. MAMO) hosts it
+    (``CurriculumMasking.attach_host``) with the paper's defaults, except quota =
+    ``method.mlm_probability`` and order "single" (that recipe's MLM predicts in one step)."""
+    m = cfg.model
+    widths = getattr(recipe, "curriculum_widths", None)
+    if widths is not None:
+        image_width, text_width = widths()
+        return CurriculumMasking(options or CurriculumOptions(), image_width=image_width, text_width=text_width,
+                                 width=m.text_width, heads=m.text_heads, intermediate=m.text_intermediate,
+                                 seed=cfg.train.seed)
+    backbone = getattr(recipe, "backbone", None)
+    fusion = getattr(backbone, "fusion_encoder", None)
+    if backbone is None or fusion is None or not hasattr(backbone, "encode_text") or \
+            not hasattr(fusion, "text_offset"):
+        raise ConfigError(f"method.text_masking='curriculum' needs a recipe that provides the agent's shared "
+                          f"features and a single-stream fusion to measure the reward in (cmask, mamo); "
+                          f"recipe '{cfg.method.name}' does not")
+    from . import special_tokens
+
+    options = options or CurriculumOptions(quota=cfg.method.mlm_probability, order="single")
+    policy = CurriculumMasking(options, image_width=m.vision_width, text_width=m.text_width, width=m.text_width,
+                               heads=m.text_heads, intermediate=m.text_intermediate, seed=cfg.train.seed)
+    policy.attach_host(recipe, special_tokens(cfg))
+    return policy
+
+
+__all__ = ["AgentOutput", "CurriculumMasking", "CurriculumOptions", "MaskChoice", "MaskingAgent", "RewardMeter",
+           "Rollout", "build_curriculum", "episode_return", "layer_means", "IGNORE_INDEX"]

@@ -1,0 +1,279 @@
+"""C-Mask (paper 000): curriculum masking by a PPO agent that maximises cross-modal interaction.
+
+Paper -> code:
+
+=====================================================  ==================================================
+Sec. 3.4 / app. C: 12-layer multiway transformer       ``models/multiway.MultiwayModel`` (``backbone="multiway"``;
+(VLMo), ITC head for retrieval                         ``layers``/``vl_layers``); ITC = ``objectives.itc``
+App. H: dual-stream mount                              ``backbone="albef"``: ``models/albef.AlbefModel``; the GLM
+                                                       runs in its text + fusion encoders (kind/step rule), the
+                                                       reward in the fusion cross-attention
+Eq. 3 / app. I: generalized LM, pseudo masks           ``objectives/glm.build_glm_inputs`` + ``glm_loss``
+                                                       (``objective="glm"``; ``"mlm"`` = [MASK] in place)
+Eq. 4: value-weighted top-8 reward per head/layer      ``masking/curriculum.RewardMeter`` (observer on the
+                                                       joint attention) -> ``fastvl_kernels.value_weighted_topk_reward``
+"normalized layerwise, averaged"                       ``episode_return`` (``reward_layer_norm``, see below)
+Sec. 3.3: G = sum_masked R + mean_all R                ``episode_return``: prediction rows (pseudo masks, or
+                                                       in-place [MASK]s) + the mean over the caption's real rows
+Eq. 2: p (softmax), s (sigmoid), q, quota 50%          ``MaskingAgent`` + ``fastvl_kernels.sample_spans``
+App. E: PPO clip 0.2, beta 0.1, lr 1e-4, whole batch   ``CurriculumMasking.ppo_update``
+Fig. 2: agent shares the first half of the layers      the shared features are the main model's own hidden states
+                                                       after ``shared_layers`` blocks of its unimodal (ITC)
+                                                       passes, detached: no extra backbone compute and no
+                                                       gradient from the agent into the backbone
+Table 9 ablations                                      options ``mask_selection`` / ``spans`` / ``order`` /
+                                                       ``objective`` (table below)
+=====================================================  ==================================================
+
+Table 9 rows as options (everything else default):
+
+- learned mask selection only: ``spans="none", order="single"``
+- random spans only: ``mask_selection="random", spans="random", order="single"``
+- learned mask + span selection: ``order="single"``
+- random spans + random order: ``mask_selection="random", spans="random", order="random"``
+- learned spans + random order: ``order="random"``
+- random spans + learned order: ``mask_selection="random", spans="random"`` (order learned)
+- full model: defaults
+- vanilla MLM baseline: ``objective="mlm", mask_selection="random", spans="none", order="single", quota=0.15``
+- left-to-right LM (a special case): ``mask_selection="random", spans="none", order="left_to_right", quota=1.0``
+
+Choices where the paper is vague (all config values):
+
+- Shared features: the paper's agent reads the first 6 layers of the main model on the (unmasked)
+  input. Here they are the multiway model's first ``shared_layers`` blocks of the image-only and
+  text-only passes that ITC runs anyway (VLMo's unimodal passes), detached; the agent's own layers
+  then attend jointly over ``[image | text]``. On ALBEF they are the ViT output and the text
+  encoder output (BERT's first half). With ITC off the shared blocks run under ``no_grad``.
+- Reward rows: the pseudo-mask rows for the masked tokens ("sum over masked", one row per masked
+  token) and every real caption row for the mean; sources: every image token ([CLS] + patches).
+  Layers: every block of the fused pass (multiway) / every fusion cross-attention (ALBEF).
+- Layerwise normalisation: a running mean per layer (``reward_layer_norm="running"``), see
+  ``masking/curriculum.py``.
+- Schedule: masks of batch t are sampled at the start of forward(t) by the agent after the updates
+  so far; PPO learns from batch t-1's rollout after step t (``update_delay=1``), or from batch t
+  (``update_delay=0``). The waiting rollout (its masks, order, log-probs, returns and the agent's
+  inputs) is checkpointed with the agent and its optimizer (``get_extra_state`` of the policy).
+- Sampling seeds depend on (train.seed, step, rank): the masks are reproducible and resume exactly,
+  but unlike the recipes' ``global_uniform`` draws they change with the number of processes.
+- Advantage = G - V(s) with V from the current agent (detached), no normalisation; value loss MSE
+  with weight ``value_coef`` in one Adam step.
+- No ITM head (the paper adds only ITC for retrieval); the scorer ranks by ITC (``itm_scores`` is the
+  ITC cosine mapped to [0, 1], so eval's re-ranking keeps the ITC order).
+
+Metrics per step: ``reward`` (mean G of the learned masks), ``reward_per_token`` (mean R of the
+predicted tokens), ``reward_random`` (G of a random same-quota mask on the same batch, measured every
+``random_reward_every`` steps and carried between), ``policy_entropy`` (the composite action's
+entropy estimate), ``agent_value_loss``, ``agent_clip_fraction``, ``agent_entropy`` (from the latest
+PPO update), ``masked_fraction``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, RunConfig, build_section
+from ..data.batch import Batch
+from ..masking import special_tokens
+from ..masking.curriculum import CurriculumMasking, CurriculumOptions, MaskChoice, RewardMeter
+from ..models.albef import AlbefModel
+from ..models.multiway import MultiwayModel
+from ..objectives.glm import GlmInputs, build_glm_inputs, glm_loss
+from ..objectives.itc import itc_loss
+from .base import Recipe
+
+BACKBONES = ("multiway", "albef")
+OBJECTIVES = ("glm", "mlm")
+AGENT_METRICS = ("agent_value_loss", "agent_policy_loss", "agent_entropy", "agent_clip_fraction", "agent_advantage")
+
+
+@dataclass
+class CMaskOptions(CurriculumOptions):
+    backbone: str = "multiway"
+    """"multiway" (single stream, the paper's main model) or "albef" (dual stream, appendix H)."""
+    layers: Optional[int] = None
+    """Multiway blocks; None = model.text_layers + model.fusion_layers (tiny 4, base 12)."""
+    vl_layers: int = 2
+    """Top multiway blocks with a vision-language expert (VLMo base: 2 of 12)."""
+    objective: str = "glm"
+    """"glm" (pseudo masks, factorization order) or "mlm" ([MASK] in place, one step)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"method.options.backbone must be one of {BACKBONES}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"method.options.objective must be one of {OBJECTIVES}")
+        if self.objective == "mlm" and self.order not in ("single",):
+            raise ConfigError("method.options.objective='mlm' predicts everything in one step: set order='single'")
+
+
+class CMask(Recipe):
+    default_losses = {"itc": 1.0, "glm": 1.0}
+    supports_zero3 = False  # the 0-dim temperature and the agent's reads of shared states (see engine)
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.options = build_section(CMaskOptions, cfg.method.options, "method.options")
+        o = self.options
+        self.special = special_tokens(cfg)
+        if o.backbone == "multiway":
+            self.backbone = MultiwayModel(cfg.model, o.layers, o.vl_layers)
+            total = self.backbone.num_layers
+            image_width = text_width = self.backbone.width
+        else:
+            self.backbone = AlbefModel(cfg.model)
+            total = cfg.model.text_layers
+            image_width, text_width = cfg.model.vision_width, cfg.model.text_width
+        self.shared_layers = total // 2 if o.shared_layers is None else o.shared_layers
+        if self.shared_layers > total:
+            raise ConfigError(f"method.options.shared_layers ({self.shared_layers}) exceeds the {total} shareable layers")
+        self.temperature = nn.Parameter(torch.tensor(cfg.method.temperature))
+        if cfg.method.text_masking not in ("random", "curriculum"):
+            raise ConfigError("cmask masks text with its curriculum agent: method.text_masking must be 'curriculum' "
+                              "(or the default 'random', read as 'curriculum')")
+        self.curriculum = CurriculumMasking(o, image_width=image_width, text_width=text_width,
+                                            width=cfg.model.text_width, heads=cfg.model.text_heads,
+                                            intermediate=cfg.model.text_intermediate, seed=cfg.train.seed)
+        self.curriculum.last_metrics = {name: torch.zeros(()) for name in AGENT_METRICS}
+
+    def curriculum_widths(self) -> tuple[int, int]:
+        return self.curriculum.agent.image_in.in_features, self.curriculum.agent.text_in.in_features
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def contrastive(self, image_states, text_states):
+        with torch.no_grad():
+            self.temperature.clamp_(0.001, 0.5)
+        loss, _, _ = itc_loss(self.backbone.image_feat(image_states), self.backbone.text_feat(text_states),
+                              self.temperature)
+        return loss
+
+    def shared_features(self, batch: Batch, need_itc: bool):
+        """(itc loss or None, image features, text features, image states for the ALBEF fusion)."""
+        bb, k = self.backbone, self.shared_layers
+        if self.options.backbone == "albef":
+            image_states = bb.encode_image(batch.images)
+            text_states = bb.encode_text(batch.input_ids, batch.attention_mask)
+            itc = self.contrastive(image_states, text_states) if need_itc else None
+            return itc, image_states.detach(), text_states.detach(), image_states
+        if need_itc:
+            image_states, image_half = bb.encode_image(batch.images, capture=k)
+            text_states, text_half = bb.encode_text(batch.input_ids, batch.attention_mask, capture=k)
+            return self.contrastive(image_states, text_states), image_half.detach(), text_half.detach(), None
+        if not self.options.learns:  # random masking: the agent's features are not needed
+            return None, None, None, None
+        with torch.no_grad():
+            image = bb.embed_image(batch.images)
+            image_half = bb.run(image, image.shape[1], stop=k)
+            text_half = bb.run(bb.embed_text(batch.input_ids), 0, batch.attention_mask.bool(), stop=k)
+        return None, image_half, text_half, None
+
+    def glm_inputs(self, batch: Batch, choice: MaskChoice) -> GlmInputs:
+        return build_glm_inputs(batch.input_ids, batch.attention_mask, choice.mask, choice.step,
+                                mask_id=self.special.mask, pseudo=self.options.objective == "glm")
+
+    def generalized_lm(self, batch: Batch, glm: GlmInputs, image_states=None, measure: bool = True):
+        """(text-side output states [B, T, W], RewardMeter or None) of the main model on the GLM sequence;
+        ``measure`` installs the reward observer."""
+        bb = self.backbone
+        observe = (lambda meter: bb.observing(meter)) if measure else (lambda meter: contextlib.nullcontext())
+        if self.options.backbone == "albef":
+            meter = RewardMeter(0, glm.attention_mask, self.options.reward_topk,
+                                accept=lambda name: "crossattention" in name, cross=True) if measure else None
+            states = bb.encode_text(glm.input_ids, glm.attention_mask, glm.position_ids, kind=glm.kind, step=glm.step)
+            with observe(meter):
+                fused = bb.fuse(states, glm.attention_mask, image_states, kind=glm.kind, step=glm.step)
+            return fused, meter
+        image = bb.embed_image(batch.images)
+        n_image = image.shape[1]
+        meter = RewardMeter(n_image, glm.attention_mask, self.options.reward_topk) if measure else None
+        with observe(meter):
+            states = bb.encode_joint(image, bb.embed_text(glm.input_ids, glm.position_ids), glm.attention_mask,
+                                     glm.kind, glm.step)
+        return states[:, n_image:], meter
+
+    def caption_rows(self, batch: Batch, glm: GlmInputs) -> torch.Tensor:
+        rows = torch.zeros_like(glm.attention_mask)
+        rows[:, :glm.caption_length] = batch.attention_mask.bool()
+        return rows
+
+    def measure_random(self, batch: Batch, image_feats, text_feats, image_states) -> torch.Tensor:
+        """Mean G of a random same-quota mask on this batch (no gradient, no scale update)."""
+        with torch.no_grad():
+            choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, self.current_step,
+                                            random=True)
+            glm = self.glm_inputs(batch, choice)
+            _, meter = self.generalized_lm(batch, glm, None if image_states is None else image_states.detach())
+            _, returns = self.curriculum.compute_return(meter, glm.predict, self.caption_rows(batch, glm), False)
+        return returns.mean()
+
+    # -- the recipe -----------------------------------------------------------------------------
+
+    def forward(self, batch: Batch) -> dict:
+        o = self.options
+        losses, metrics = {}, {}
+        itc, image_feats, text_feats, image_states = self.shared_features(batch, self.uses("itc"))
+        if itc is not None:
+            losses["itc"] = itc
+        choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, self.current_step)
+        glm = self.glm_inputs(batch, choice)
+        # the reward is needed to train the agent or to report it; random masking without either skips it
+        measure = o.learns or o.random_reward_every > 0
+        states, meter = self.generalized_lm(batch, glm, image_states, measure)
+        predict = glm.predict
+        if self.uses("glm"):
+            losses["glm"] = glm_loss(self.backbone.mlm_logits(states[predict]), glm.labels[predict])
+        if measure:
+            reward, returns = self.curriculum.compute_return(meter, predict, self.caption_rows(batch, glm),
+                                                             update_scale=self.training)
+            if self.training:
+                self.curriculum.finish(choice, returns)
+            metrics["reward"] = returns.mean()
+            metrics["reward_per_token"] = reward[predict].mean() if predict.any() else returns.new_zeros(())
+        if o.random_reward_every and (self.curriculum.last_random_return is None
+                                      or self.current_step % o.random_reward_every == 0):
+            self.curriculum.last_random_return = self.measure_random(batch, image_feats, text_feats, image_states)
+        if self.curriculum.last_random_return is not None:
+            metrics["reward_random"] = self.curriculum.last_random_return
+        metrics["policy_entropy"] = choice.entropy.float().mean()
+        metrics["masked_fraction"] = choice.mask.sum() / self.curriculum.action_space(batch.attention_mask).sum().clamp(min=1)
+        if o.learns:
+            metrics.update({k: v.to(states.device) for k, v in self.curriculum.last_metrics.items()})
+        metrics["temperature"] = self.temperature
+        return self.total(losses, metrics)
+
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
+        self.curriculum.learn()
+
+    @property
+    def scorer(self):
+        return CMaskScorer(self)
+
+
+class CMaskScorer:
+    """ITC retrieval for either backbone (no ITM head: ``itm_scores`` = ITC cosine mapped to [0, 1])."""
+
+    def __init__(self, recipe: CMask):
+        self.recipe = recipe
+
+    def image_embeddings(self, images):
+        bb = self.recipe.backbone
+        states = bb.encode_image(images)
+        states = states[0] if isinstance(states, tuple) else states
+        return bb.image_feat(states), states
+
+    def text_embeddings(self, input_ids, attention_mask):
+        bb = self.recipe.backbone
+        states = bb.encode_text(input_ids, attention_mask)
+        states = states[0] if isinstance(states, tuple) else states
+        return bb.text_feat(states), states
+
+    def itm_scores(self, image_states, text_states, attention_mask):
+        bb = self.recipe.backbone
+        cosine = (bb.image_feat(image_states).float() * bb.text_feat(text_states).float()).sum(-1)
+        return (cosine + 1) / 2

@@ -1,0 +1,305 @@
+"""The DeepSpeed side of training: process group, precision, optimizer, LR schedule, engine.
+
+``build_engine`` turns a recipe (an ``nn.Module``) and the run config into a DeepSpeed engine:
+
+- precision ``auto|fp16|bf16|fp32`` is resolved once (``resolve_precision``); fp16 needs CUDA (DeepSpeed's
+  dynamic loss scaling), bf16/fp32 run anywhere;
+- AdamW with two parameter groups: decay on weight matrices, none on biases, norms, embeddings and
+  scalars (``parameter_groups``);
+- linear warmup then cosine decay to ``min_lr_ratio * lr`` as a ``LambdaLR`` that DeepSpeed steps at
+  every optimizer step (``lr_factor``);
+- gradient clipping and accumulation in the DeepSpeed config, with
+  ``train_batch_size = micro_batch * grad_accum * world_size``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, RunConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# process group
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-compiled C++ ops are cached: a stable folder next to the interpreter
+    (the venv), so the one-off compile (~1 min for the CPU shared-memory comm op) is paid once."""
+    return str(Path(sys.prefix) / "torch_extensions")
+
+
+def setup_environment() -> None:
+    """Fill in what a launcher would have set, so plain ``python -m fastvl.train`` is a 1-process run:
+    MASTER_ADDR/MASTER_PORT (a free port), RANK, WORLD_SIZE, LOCAL_RANK; and the extension cache."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise the process group through DeepSpeed (NCCL on CUDA; on CPU DeepSpeed's CPU
+    accelerator picks ``ccl`` when oneccl_bindings_for_pytorch is importable, else ``gloo``).
+    Returns (rank, world_size, local_rank)."""
+    setup_environment()
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    else:
+        # the launcher starts every rank with all cores: share them instead of oversubscribing
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+        if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return rank, world, local_rank
+
+
+def device_for(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN has bf16 kernels for this CPU (AVX512-BF16 / AMX); elsewhere bf16 is emulated
+    and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto`` -> fp16 on CUDA, bf16 on a CPU with native bf16, else fp32. fp16 off CUDA is a
+    ConfigError: DeepSpeed's fp16 path (dynamic loss scaling, fused fp16 optimizer) is CUDA-only."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"train.precision=fp16 needs a CUDA GPU (dynamic loss scaling runs there); this run is on "
+            f"{device.type.upper()} — use train.precision=bf16 or fp32 (or auto)")
+    return requested
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+_NO_DECAY_MODULES = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: weight decay on weight matrices only. Exempt: every parameter with fewer
+    than 2 dimensions (biases, norm scales, temperatures), all parameters of embedding and norm
+    modules, and names a module lists in ``no_weight_decay()`` (timm's convention, for position
+    embeddings / [CLS] tokens held as bare parameters)."""
+    exempt_names: set[str] = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, _NO_DECAY_MODULES):
+            exempt_names.update(prefix + n for n, _ in module.named_parameters(recurse=False))
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            exempt_names.update(prefix + n for n in listed())
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name in exempt_names else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: RunConfig, groups: list[dict], device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW by ``train.optimizer``: "auto" takes apex's FusedAdam when importable on CUDA, else
+    DeepSpeed's FusedAdam on CUDA, else torch AdamW; "adamw" is torch's; "deepspeed_cpu_adam" is
+    DeepSpeed's vectorised CPU Adam (JIT-compiled once). Returns (optimizer, its name)."""
+    t = cfg.train
+    kwargs = dict(lr=t.lr, betas=t.betas, eps=1e-8)
+    if t.optimizer == "deepspeed_cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs), "deepspeed_cpu_adam"
+    if t.optimizer == "auto" and device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam as ApexFusedAdam  # NVIDIA apex, never the PyPI "apex"
+
+            return ApexFusedAdam(groups, adam_w_mode=True, **kwargs), "apex_fused_adam"
+        except ImportError:
+            pass
+        try:
+            from deepspeed.ops.adam import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kwargs), "deepspeed_fused_adam"
+        except Exception:  # the op may fail to build (no nvcc); torch's fused AdamW is still fast
+            return torch.optim.AdamW(groups, fused=True, **kwargs), "torch_adamw_fused"
+    return torch.optim.AdamW(groups, **kwargs), "torch_adamw"
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the base LR for optimizer step ``step`` (0-based):
+    ``(step + 1) / warmup`` during warmup, then ``min + (1 - min) * (1 + cos(pi * p)) / 2`` with
+    ``p = (step - warmup) / (total - warmup)`` going 0 -> 1."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: RunConfig, precision: str, world_size: int) -> dict:
+    t = cfg.train
+    micro = cfg.data.batch_size
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": micro * t.grad_accum * world_size,
+        # ZeRO-0 fp32 clips in DeepSpeed's engine.clip_fp32_gradients, whose in-place multiply by a
+        # [1]-shaped coefficient fails on 0-dim gradients (a learnable temperature): clip in
+        # Engine.backward_and_step instead. The ZeRO and fp16/bf16 optimizers clip flat buffers.
+        "gradient_clipping": 0.0 if trainer_clips(cfg, precision) else t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    elif precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def trainer_clips(cfg: RunConfig, precision: str) -> bool:
+    return cfg.train.zero_stage == 0 and precision == "fp32" and cfg.train.grad_clip > 0
+
+
+@dataclass
+class Engine:
+    """A DeepSpeed engine plus what was resolved to build it."""
+
+    ds: object
+    """The ``deepspeed.DeepSpeedEngine`` (forward, backward, step, save/load_checkpoint)."""
+    precision: str
+    dtype: torch.dtype
+    device: torch.device
+    optimizer_name: str
+    ds_config: dict
+    trainer_clip: float = 0.0
+    """Gradient-norm clip applied here rather than by DeepSpeed (0 = DeepSpeed clips); see
+    ``deepspeed_config``."""
+
+    @property
+    def recipe(self) -> nn.Module:
+        return self.ds.module
+
+    def backward_and_step(self, loss: torch.Tensor) -> bool:
+        """Backward of one micro-batch and DeepSpeed's step, which updates the weights only at the
+        gradient-accumulation boundary (DeepSpeed scales the loss by 1/grad_accum). Returns True when
+        the weights were updated."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        self.ds.backward(loss)
+        if boundary and self.trainer_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.recipe.parameters(), self.trainer_clip)
+        self.ds.step()
+        return boundary
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+
+def build_engine(cfg: RunConfig, recipe: nn.Module, world_size: int, device: torch.device) -> Engine:
+    """Wrap ``recipe`` in a DeepSpeed engine (the process group must already exist)."""
+    import deepspeed
+
+    precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.zero_stage == 3:
+        check_zero3_support(recipe)
+    recipe.to(device)
+    optimizer, optimizer_name = build_optimizer(cfg, parameter_groups(recipe, cfg.train.weight_decay), device)
+    t = cfg.train
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, t.warmup_steps, t.steps, t.min_lr_ratio))
+    config = deepspeed_config(cfg, precision, world_size)
+    with _broadcast_before_initialize(recipe):
+        ds, _, _, _ = deepspeed.initialize(model=recipe, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    return Engine(ds, precision, compute_dtype(precision), device, optimizer_name, config,
+                  cfg.train.grad_clip if trainer_clips(cfg, precision) else 0.0)
+
+
+@contextlib.contextmanager
+def _broadcast_before_initialize(module: nn.Module):
+    """DeepSpeed 0.19.8 broadcasts rank 0's parameters inside ``deepspeed.initialize`` as
+    ``p.data.view(torch.uint8)``, which fails on 0-dim parameters (a learnable temperature). Broadcast
+    parameters and buffers here instead (plain tensors, any shape) and skip DeepSpeed's copy for the
+    duration of the call."""
+    import torch.distributed as dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor.data, src=0)
+    original = DeepSpeedEngine._broadcast_model
+    DeepSpeedEngine._broadcast_model = lambda self: None
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model = original
+
+
+def check_zero3_support(recipe: nn.Module) -> None:
+    """ZeRO-3 partitions every parameter and gathers it only around submodule forwards. Refuse, with
+    the reason, when that cannot work:
+
+    - 0-dim parameters (DeepSpeed 0.19.8's ZeRO-3 init views each parameter as bytes, which a 0-dim
+      tensor cannot do): hold scalars such as a temperature as shape [1];
+    - a recipe that reads parameters outside forwards (an EMA update of a teacher, ...) and says so
+      with ``supports_zero3 = False``.
+    Recipes that only touch parameters inside forwards (ALBEF's encoders, heads and temperature) run
+    under stage 3 with the same losses as stage 0 (tested)."""
+    scalars = [name for name, p in recipe.named_parameters() if p.dim() == 0]
+    if scalars:
+        raise ConfigError(
+            f"train.zero_stage=3 cannot partition the 0-dim parameter(s) {', '.join(scalars)} of recipe "
+            f"{type(recipe).__name__} (DeepSpeed 0.19.8 limitation) — hold them as shape [1], or use "
+            f"train.zero_stage 0, 1 or 2")
+    if not getattr(recipe, "supports_zero3", True):
+        raise ConfigError(
+            f"train.zero_stage=3 is not supported by recipe {type(recipe).__name__}: it reads parameters "
+            f"outside module forwards (e.g. an EMA teacher update), which ZeRO-3 leaves partitioned — use "
+            f"train.zero_stage 0, 1 or 2")

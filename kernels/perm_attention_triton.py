@@ -1,0 +1,328 @@
+"""Triton kernels of permutation-order attention (the CUDA path; CPU under TRITON_INTERPRET=1).
+
+The attention rule arrives as four int32 codes per token (see ``perm_attention.encode_rule``)::
+
+    visible(i, j) = key_req[j] <= query_thr[i]  or  key_pid[j] == query_pid[i]
+
+loaded per tile (O(L) mask memory), plus per-block summaries (min/max of req and of the pseudo ids)
+that decide, before any load of K/V or Q, whether a (query block, key block) tile can contain a
+visible pair at all; dead tiles are skipped.
+
+Forward (one program per (query block, batch*head)), in base 2 with ``c = scale * log2(e)``::
+
+    s_ij = c q_i.k_j (masked: -inf);  m_i, l_i, acc_i by online softmax over key blocks
+    out_i = acc_i / l_i,  lse_i = ln 2 * (m_i + log2 l_i)      (rows that see nothing: out 0, lse 0)
+
+Backward (FlashAttention-2 split, deterministic, no atomics): ``delta_i = sum_d dout_id out_id``,
+``P_ij = exp(scale q_i.k_j - lse_i)`` (masked: 0), ``dS_ij = P_ij (dout_i.v_j - delta_i)``;
+one kernel per key block accumulates ``dv_j = sum_i P_ij dout_i`` and ``dk_j = scale sum_i dS_ij q_i``
+over the live query blocks, another per query block accumulates ``dq_i = scale sum_j dS_ij k_j``.
+
+Matrix products take the input dtype (fp16/bf16 on tensor cores) with fp32 accumulation; fp32 inputs
+use IEEE products (no TF32) so the fp32 path matches the reference closely.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _visible(key_req, key_pid, query_thr, query_pid):
+    """[M, N] visibility from the per-token codes of M query rows and N key columns."""
+    return (key_req[None, :] <= query_thr[:, None]) | (key_pid[None, :] == query_pid[:, None])
+
+
+@triton.jit
+def _tile_live(k_lo, k_pid_lo, k_pid_hi, q_hi, q_pid_lo, q_pid_hi):
+    """Whether a (query block, key block) tile may hold a visible pair (see summaries)."""
+    return (k_lo <= q_hi) | ((k_pid_lo <= q_pid_hi) & (q_pid_lo <= k_pid_hi))
+
+
+@triton.jit
+def _dot(a, b, IEEE_DOT: tl.constexpr):
+    if IEEE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _perm_attn_fwd_kernel(
+    Q_ptr, K_ptr, V_ptr, Out_ptr, Lse_ptr,
+    KeyReq_ptr, KeyPid_ptr, QueryThr_ptr, QueryPid_ptr,
+    KLo_ptr, KPidLo_ptr, KPidHi_ptr,
+    n_heads, seq_len, head_dim, n_key_blocks,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    qk_scale_log2,
+    HIDDEN_REQ: tl.constexpr, PADDED_THR: tl.constexpr, NO_KEY_PID: tl.constexpr, NO_QUERY_PID: tl.constexpr,
+    BIG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = offs_m < seq_len
+    d_in = offs_d < head_dim
+
+    code_row = b * seq_len
+    thr = tl.load(QueryThr_ptr + code_row + offs_m, mask=row_in, other=PADDED_THR)
+    qpid = tl.load(QueryPid_ptr + code_row + offs_m, mask=row_in, other=NO_QUERY_PID)
+    # This block's summary, from its own codes: the largest threshold and the pseudo-id range.
+    q_hi = tl.max(thr, axis=0)
+    q_pid_lo = tl.min(tl.where(qpid != NO_QUERY_PID, qpid, BIG), axis=0)
+    q_pid_hi = tl.max(qpid, axis=0)
+
+    q = tl.load(
+        Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+        mask=row_in[:, None] & d_in[None, :], other=0.0,
+    )
+    k_base = K_ptr + b * stride_kb + h * stride_kh
+    v_base = V_ptr + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    summary_row = b * n_key_blocks
+    for kb in range(0, n_key_blocks):
+        k_lo = tl.load(KLo_ptr + summary_row + kb)
+        k_pid_lo = tl.load(KPidLo_ptr + summary_row + kb)
+        k_pid_hi = tl.load(KPidHi_ptr + summary_row + kb)
+        if _tile_live(k_lo, k_pid_lo, k_pid_hi, q_hi, q_pid_lo, q_pid_hi):
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_in = offs_n < seq_len
+            keys = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                           mask=col_in[:, None] & d_in[None, :], other=0.0)
+            values = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                             mask=col_in[:, None] & d_in[None, :], other=0.0)
+            req = tl.load(KeyReq_ptr + code_row + offs_n, mask=col_in, other=HIDDEN_REQ)
+            kpid = tl.load(KeyPid_ptr + code_row + offs_n, mask=col_in, other=NO_KEY_PID)
+            s = _dot(q, tl.trans(keys), IEEE_DOT) * qk_scale_log2
+            s = tl.where(_visible(req, kpid, thr, qpid), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row with nothing visible so far keeps max -inf: shift by 0, not (-inf) - (-inf).
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - shift[:, None])
+            alpha = tl.math.exp2(m_i - shift)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(values.dtype), values, IEEE_DOT)
+            m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, 0.0)
+    tl.store(Out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
+             out.to(Out_ptr.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
+    tl.store(Lse_ptr + pid_bh * seq_len + offs_m, lse, mask=row_in)
+
+
+@triton.jit
+def _perm_attn_bwd_dkdv_kernel(
+    Q_ptr, K_ptr, V_ptr, DOut_ptr, Lse_ptr, Delta_ptr, DK_ptr, DV_ptr,
+    KeyReq_ptr, KeyPid_ptr, QueryThr_ptr, QueryPid_ptr,
+    QHi_ptr, QPidLo_ptr, QPidHi_ptr,
+    n_heads, seq_len, head_dim, n_query_blocks,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_gb, stride_gh, stride_gl, stride_gd,
+    scale, qk_scale_log2,
+    HIDDEN_REQ: tl.constexpr, PADDED_THR: tl.constexpr, NO_KEY_PID: tl.constexpr, NO_QUERY_PID: tl.constexpr,
+    BIG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """dk, dv of one key block (dk/dv written as [B, H, L, D] contiguous, dtype of the inputs)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_in = offs_n < seq_len
+    d_in = offs_d < head_dim
+
+    code_row = b * seq_len
+    req = tl.load(KeyReq_ptr + code_row + offs_n, mask=col_in, other=HIDDEN_REQ)
+    kpid = tl.load(KeyPid_ptr + code_row + offs_n, mask=col_in, other=NO_KEY_PID)
+    k_lo = tl.min(req, axis=0)
+    k_pid_lo = tl.min(tl.where(kpid != NO_KEY_PID, kpid, BIG), axis=0)
+    k_pid_hi = tl.max(kpid, axis=0)
+
+    keys = tl.load(K_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                   mask=col_in[:, None] & d_in[None, :], other=0.0)
+    values = tl.load(V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                     mask=col_in[:, None] & d_in[None, :], other=0.0)
+    q_base = Q_ptr + b * stride_qb + h * stride_qh
+    g_base = DOut_ptr + b * stride_gb + h * stride_gh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    summary_row = b * n_query_blocks
+    for qb in range(0, n_query_blocks):
+        q_hi = tl.load(QHi_ptr + summary_row + qb)
+        q_pid_lo = tl.load(QPidLo_ptr + summary_row + qb)
+        q_pid_hi = tl.load(QPidHi_ptr + summary_row + qb)
+        if _tile_live(k_lo, k_pid_lo, k_pid_hi, q_hi, q_pid_lo, q_pid_hi):
+            offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_in = offs_m < seq_len
+            q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                        mask=row_in[:, None] & d_in[None, :], other=0.0)
+            dout = tl.load(g_base + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
+                           mask=row_in[:, None] & d_in[None, :], other=0.0)
+            thr = tl.load(QueryThr_ptr + code_row + offs_m, mask=row_in, other=PADDED_THR)
+            qpid = tl.load(QueryPid_ptr + code_row + offs_m, mask=row_in, other=NO_QUERY_PID)
+            lse = tl.load(Lse_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
+            delta = tl.load(Delta_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
+            s = _dot(q, tl.trans(keys), IEEE_DOT) * qk_scale_log2
+            p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+            p = tl.where(_visible(req, kpid, thr, qpid), p, 0.0)
+            dv += _dot(tl.trans(p.to(dout.dtype)), dout, IEEE_DOT)
+            dp = _dot(dout, tl.trans(values), IEEE_DOT)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
+    out_offs = pid_bh * seq_len * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
+    tl.store(DK_ptr + out_offs, (dk * scale).to(DK_ptr.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
+    tl.store(DV_ptr + out_offs, dv.to(DV_ptr.dtype.element_ty), mask=col_in[:, None] & d_in[None, :])
+
+
+@triton.jit
+def _perm_attn_bwd_dq_kernel(
+    Q_ptr, K_ptr, V_ptr, DOut_ptr, Lse_ptr, Delta_ptr, DQ_ptr,
+    KeyReq_ptr, KeyPid_ptr, QueryThr_ptr, QueryPid_ptr,
+    KLo_ptr, KPidLo_ptr, KPidHi_ptr,
+    n_heads, seq_len, head_dim, n_key_blocks,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_gb, stride_gh, stride_gl, stride_gd,
+    scale, qk_scale_log2,
+    HIDDEN_REQ: tl.constexpr, PADDED_THR: tl.constexpr, NO_KEY_PID: tl.constexpr, NO_QUERY_PID: tl.constexpr,
+    BIG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """dq of one query block (written as [B, H, L, D] contiguous, dtype of the inputs)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_in = offs_m < seq_len
+    d_in = offs_d < head_dim
+
+    code_row = b * seq_len
+    thr = tl.load(QueryThr_ptr + code_row + offs_m, mask=row_in, other=PADDED_THR)
+    qpid = tl.load(QueryPid_ptr + code_row + offs_m, mask=row_in, other=NO_QUERY_PID)
+    q_hi = tl.max(thr, axis=0)
+    q_pid_lo = tl.min(tl.where(qpid != NO_QUERY_PID, qpid, BIG), axis=0)
+    q_pid_hi = tl.max(qpid, axis=0)
+
+    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                mask=row_in[:, None] & d_in[None, :], other=0.0)
+    dout = tl.load(DOut_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
+                   mask=row_in[:, None] & d_in[None, :], other=0.0)
+    lse = tl.load(Lse_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
+    delta = tl.load(Delta_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
+    k_base = K_ptr + b * stride_kb + h * stride_kh
+    v_base = V_ptr + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    summary_row = b * n_key_blocks
+    for kb in range(0, n_key_blocks):
+        k_lo = tl.load(KLo_ptr + summary_row + kb)
+        k_pid_lo = tl.load(KPidLo_ptr + summary_row + kb)
+        k_pid_hi = tl.load(KPidHi_ptr + summary_row + kb)
+        if _tile_live(k_lo, k_pid_lo, k_pid_hi, q_hi, q_pid_lo, q_pid_hi):
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_in = offs_n < seq_len
+            keys = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                           mask=col_in[:, None] & d_in[None, :], other=0.0)
+            values = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                             mask=col_in[:, None] & d_in[None, :], other=0.0)
+            req = tl.load(KeyReq_ptr + code_row + offs_n, mask=col_in, other=HIDDEN_REQ)
+            kpid = tl.load(KeyPid_ptr + code_row + offs_n, mask=col_in, other=NO_KEY_PID)
+            s = _dot(q, tl.trans(keys), IEEE_DOT) * qk_scale_log2
+            p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+            p = tl.where(_visible(req, kpid, thr, qpid), p, 0.0)
+            dp = _dot(dout, tl.trans(values), IEEE_DOT)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(keys.dtype), keys, IEEE_DOT)
+    out_offs = pid_bh * seq_len * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
+    tl.store(DQ_ptr + out_offs, (dq * scale).to(DQ_ptr.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers.
+# --------------------------------------------------------------------------------------------------
+DEFAULT_BLOCK_M = 64
+DEFAULT_BLOCK_N = 64
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _constants(codes) -> dict:
+    return dict(HIDDEN_REQ=codes.HIDDEN_REQ, PADDED_THR=codes.PADDED_THR, NO_KEY_PID=codes.NO_KEY_PID,
+                NO_QUERY_PID=codes.NO_QUERY_PID, BIG=codes.BIG)
+
+
+def perm_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, rule, scale: float,
+                              block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N) -> tuple[Tensor, Tensor]:
+    """Launch the forward. ``rule`` is an ``EncodedRule`` (codes [B, L] int32 contiguous) and
+    ``rule.block_summaries(block_n, keys=True)`` supplies the key-block summaries."""
+    batch, heads, seq_len, head_dim = q.shape
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.zero_()
+    k_lo, _, k_pid_lo, k_pid_hi = rule.block_summaries(block_n, keys=True)
+    n_key_blocks = k_lo.shape[1]
+    grid = (triton.cdiv(seq_len, block_m), batch * heads)
+    _perm_attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        rule.key_req, rule.key_pid, rule.query_thr, rule.query_pid,
+        k_lo, k_pid_lo, k_pid_hi,
+        heads, seq_len, head_dim, n_key_blocks,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        scale * LOG2E,
+        **_constants(rule),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), IEEE_DOT=q.dtype == torch.float32,
+    )
+    return out, lse
+
+
+def perm_attention_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, rule,
+                              scale: float, block_m: int = DEFAULT_BLOCK_M,
+                              block_n: int = DEFAULT_BLOCK_N) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the two backward kernels; returns dq, dk, dv (contiguous, dtype of q)."""
+    batch, heads, seq_len, head_dim = q.shape
+    dq = torch.empty((batch, heads, seq_len, head_dim), device=q.device, dtype=q.dtype)
+    dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # [B, H, L]
+    lse = lse.contiguous()
+    q_sum = rule.block_summaries(block_m, keys=False)
+    k_sum = rule.block_summaries(block_n, keys=True)
+    common = dict(**_constants(rule), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
+                  IEEE_DOT=q.dtype == torch.float32)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    codes = (rule.key_req, rule.key_pid, rule.query_thr, rule.query_pid)
+    _perm_attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, block_n), batch * heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, *codes,
+        q_sum[1], q_sum[2], q_sum[3],
+        heads, seq_len, head_dim, q_sum[0].shape[1], *strides, scale, scale * LOG2E, **common,
+    )
+    _perm_attn_bwd_dq_kernel[(triton.cdiv(seq_len, block_m), batch * heads)](
+        q, k, v, grad_out, lse, delta, dq, *codes,
+        k_sum[0], k_sum[2], k_sum[3],
+        heads, seq_len, head_dim, k_sum[0].shape[1], *strides, scale, scale * LOG2E, **common,
+    )
+    return dq, dk, dv

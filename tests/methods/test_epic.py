@@ -1,0 +1,559 @@
+"""EPIC: saliency from a frozen teacher (against a direct computation from the named layer's
+projections, ALBEF and MAMO layouts), position sampling without replacement, the generator's draws,
+the consistency labels, gradient isolation of the generator, the frozen teacher, the ablation switches,
+mounting on another base, and end-to-end runs on the built-in data (losses fall; ZeRO-2 in bf16)."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvl.config import ConfigError, load_config
+from fastvl.data.batch import Batch
+from fastvl.data.synthetic import generate
+from fastvl.masking.saliency import SaliencyTeacher, load_teacher, masked_count, masked_softmax, sample_positions
+from fastvl.masking.text import maskable_positions
+from fastvl.methods import build_method
+from fastvl.models.attention import split_heads
+from fastvl.models.generator import sample_from_logits
+from fastvl.objectives.token_consistency import (consistency_labels, token_consistency_loss,
+                                                 token_consistency_metrics)
+from fastvl.train.checkpoint import load_recipe
+
+CONFIG = "configs/tiny_epic.json"
+B, L = 4, 12
+PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 101, 102, 103
+
+
+def save_fresh(cfg_path, out, seed=0, *overrides):
+    """A freshly built recipe saved as a consolidated checkpoint (a stand-in teacher)."""
+    torch.manual_seed(seed)
+    cfg = load_config(cfg_path, list(overrides))
+    torch.save({"config": cfg.to_dict(), "step": 0, "state_dict": build_method(cfg).state_dict()}, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    return save_fresh("configs/tiny_albef.json", tmp_path_factory.mktemp("teacher") / "model_fp32.pt")
+
+
+def epic_config(teacher, *overrides, **options):
+    extra = [f"method.options.{k}={json.dumps(v)}" for k, v in options.items()]
+    return load_config(CONFIG, [f"method.options.teacher={teacher}", *overrides, *extra])
+
+
+def build(teacher, *overrides, seed=0, **options):
+    torch.manual_seed(seed)
+    return build_method(epic_config(teacher, *overrides, **options)).eval()
+
+
+@pytest.fixture(scope="module")
+def recipe(teacher_path):
+    return build(teacher_path)
+
+
+def make_batch(seed=0, b=B, length=L):
+    """[CLS] words [SEP] [PAD]...: row lengths L, L-3, L-5, L-1 (then L)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (b, length), generator=g)
+    ids[:, 0] = CLS_ID
+    mask = torch.ones(b, length, dtype=torch.long)
+    lengths = ([length, length - 3, length - 5, length - 1] + [length] * b)[:b]
+    for i, n in enumerate(lengths):
+        ids[i, n - 1] = SEP_ID
+        ids[i, n:] = PAD_ID
+        mask[i, n:] = 0
+    return Batch(torch.randn(b, 3, 64, 64, generator=g), ids, mask)
+
+
+def maskable(batch, recipe):
+    return maskable_positions(batch.input_ids, batch.attention_mask, recipe.special)
+
+
+# -- saliency (eq. 8) ------------------------------------------------------------------------------
+
+
+def test_saliency_sums_to_one_over_real_tokens_and_is_zero_on_special_and_padding(recipe):
+    batch = make_batch(1)
+    allowed = maskable(batch, recipe)
+    alpha = recipe.saliency(batch.images, batch.input_ids, batch.attention_mask, allowed)
+    assert alpha.dtype == torch.float32 and alpha.shape == (B, L)
+    torch.testing.assert_close(alpha.sum(dim=1), torch.ones(B))
+    assert (alpha[allowed] > 0).all()
+    assert torch.equal(alpha[~allowed], torch.zeros(int((~allowed).sum())))
+    special = (batch.input_ids == CLS_ID) | (batch.input_ids == SEP_ID) | (batch.attention_mask == 0)
+    assert torch.equal(special, ~allowed)
+
+
+def heads(x, n):
+    return split_heads(x, n).float()
+
+
+def test_saliency_equals_the_penultimate_cross_attention_scores(recipe, teacher_path):
+    """ALBEF layout: image [CLS] key x text queries of fusion layer -2's cross-attention, computed here
+    straight from that layer's projections on an untouched copy of the teacher."""
+    teacher, _, _ = load_recipe(str(teacher_path))
+    bb = teacher.backbone
+    batch = make_batch(2)
+    allowed = maskable(batch, recipe)
+    with torch.no_grad():
+        image = bb.encode_image(batch.images)
+        hidden = bb.encode_text(batch.input_ids, batch.attention_mask)
+        layers = bb.fusion_encoder.encoder.layer
+        kpm = batch.attention_mask.bool()
+        for layer in layers[:-2]:
+            hidden = layer(hidden, kpm, context=image)
+        penultimate = layers[-2]
+        after_self = penultimate.attention(hidden, kpm)
+        cross = penultimate.crossattention.self
+        q = heads(cross.query(after_self), cross.heads)  # [B, H, L, d]
+        k = heads(cross.key(image[:, :1]), cross.heads)  # [B, H, 1, d]
+        scores = (q @ k.transpose(-1, -2)).squeeze(-1).mean(dim=1)
+        expected = torch.where(allowed, scores, torch.tensor(float("-inf"))).softmax(dim=1)
+        expected = torch.where(allowed, expected, torch.zeros_like(expected))
+        alpha = recipe.saliency(batch.images, batch.input_ids, batch.attention_mask, allowed)
+    torch.testing.assert_close(alpha, expected, atol=1e-6, rtol=1e-5)
+    assert recipe.saliency.layout == "cross" and recipe.saliency.layer_index == len(layers) - 2
+    # the teacher keeps only the layers it needs
+    assert len(recipe.saliency.backbone.fusion_encoder.encoder.layer) == len(layers) - 1
+
+
+def test_saliency_scale_and_guards():
+    scores = torch.tensor([[1.0, 2.0, 3.0, 0.0], [float("nan"), float("inf"), 1.0, 2.0], [5.0, 5.0, 5.0, 5.0]])
+    allowed = torch.tensor([[False, True, True, False], [True, True, False, False], [False, False, False, False]])
+    alpha = masked_softmax(scores, allowed)
+    torch.testing.assert_close(alpha[0], torch.tensor([0.0, 1 / (1 + math.e), math.e / (1 + math.e), 0.0]))
+    torch.testing.assert_close(alpha[1], torch.tensor([0.5, 0.5, 0.0, 0.0]))  # nothing finite: uniform
+    assert torch.equal(alpha[2], torch.zeros(4))  # no maskable token: no saliency
+
+
+# -- positions ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, ratio, m", [(20, 0.35, 7), (10, 0.35, 4), (6, 0.35, 3), (1, 0.35, 1), (0, 0.35, 0),
+                                         (7, 0.15, 2), (9, 0.45, 5), (3, 1.0, 3)])
+def test_masked_count_is_ceil_of_ratio_times_length(n, ratio, m):
+    allowed = torch.zeros(1, 24, dtype=torch.bool)
+    allowed[0, 1:1 + n] = True
+    assert masked_count(allowed, ratio).tolist() == [m]
+
+
+def test_sample_positions_count_support_and_determinism():
+    g = torch.Generator().manual_seed(0)
+    allowed = torch.rand(64, 20, generator=g) < 0.7
+    allowed[:, 0] = True
+    weights = torch.rand(64, 20, generator=g) * allowed
+    weights[3] = float("nan")  # guarded: uniform over the allowed positions
+    weights[5] = 0.0
+    counts = masked_count(allowed, 0.35)
+    u = torch.rand(64, 20, generator=g)
+    chosen = sample_positions(weights, allowed, counts, u)
+    assert torch.equal(chosen.sum(dim=1), counts)
+    assert not (chosen & ~allowed).any()
+    assert torch.equal(chosen, sample_positions(weights, allowed, counts, u))
+    with pytest.raises(ValueError):
+        sample_positions(weights, allowed, counts + 20, u)
+
+
+def test_sample_positions_is_without_replacement_proportional_to_weights():
+    """Inclusion probabilities of 2 draws without replacement (successive renormalised draws):
+    P(i) = w_i + sum_{j != i} w_j w_i / (1 - w_j)."""
+    w = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 40000
+    u = torch.rand(n, 4, generator=torch.Generator().manual_seed(1))
+    chosen = sample_positions(w.expand(n, 4), torch.ones(n, 4, dtype=torch.bool), torch.full((n,), 2), u)
+    expected = torch.stack([w[i] + sum(w[j] * w[i] / (1 - w[j]) for j in range(4) if j != i) for i in range(4)])
+    torch.testing.assert_close(chosen.float().mean(dim=0), expected, atol=0.01, rtol=0)
+
+
+def test_positions_follow_saliency(recipe):
+    """Over many draws, a position's first-pick frequency follows α (1 position per caption of 2)."""
+    batch = make_batch(3)
+    allowed = maskable(batch, recipe)
+    alpha = recipe.saliency(batch.images, batch.input_ids, batch.attention_mask, allowed)
+    n = 20000
+    u = torch.rand(n, L, generator=torch.Generator().manual_seed(2))
+    picks = sample_positions(alpha[:1].expand(n, L), allowed[:1].expand(n, L), torch.ones(n, dtype=torch.long), u)
+    torch.testing.assert_close(picks.float().mean(dim=0), alpha[0], atol=0.01, rtol=0)
+
+
+def test_positions_do_not_depend_on_padding(recipe):
+    batch = make_batch(4)
+    padded = Batch(batch.images, F.pad(batch.input_ids, (0, 6)), F.pad(batch.attention_mask, (0, 6)))
+    a, b = recipe.corrupt(batch, step=5), recipe.corrupt(padded, step=5)
+    assert torch.equal(a.positions, b.positions[:, :L]) and not b.positions[:, L:].any()
+    assert torch.equal(a.input_ids, b.input_ids[:, :L])
+    assert not torch.equal(a.positions, recipe.corrupt(batch, step=6).positions)
+
+
+def trimmed(batch, rows):
+    """Rows of ``batch``, padded only to their own longest caption (as a rank's loader would)."""
+    part = batch.slice(rows.start, rows.stop)
+    length = int(part.attention_mask.sum(dim=1).max())
+    return Batch(part.images, part.input_ids[:, :length], part.attention_mask[:, :length])
+
+
+def two_rank_batch():
+    """8 captions: the first 4 at most L - 4 tokens long, the last 4 up to L (padded to L together)."""
+    short, full = make_batch(20, b=4, length=L - 4), make_batch(21, b=4, length=L)
+    pad = (0, 4)
+    return Batch(torch.cat([short.images, full.images]), torch.cat([F.pad(short.input_ids, pad), full.input_ids]),
+                 torch.cat([F.pad(short.attention_mask, pad), full.attention_mask]))
+
+
+def _rank_worker(rank, port, teacher, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    r = build(teacher)
+    c = r.corrupt(trimmed(two_rank_batch(), slice(rank * 4, rank * 4 + 4)), step=3)
+    losses = [torch.zeros(()) for _ in range(2)]
+    dist.all_gather(losses, c.generator_loss.detach())
+    out.put((rank, c.positions.numpy(), c.input_ids.numpy(), float(torch.stack(losses).mean())))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_draw_what_one_process_draws(teacher_path):
+    """Positions, replacements and L_GEN of 2 gloo ranks with 4 captions each (each padded to its own
+    length) equal one process's with all 8."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    whole = two_rank_batch()
+    single = build(teacher_path).corrupt(trimmed(whole, slice(0, 8)), step=3)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank_worker, args=(r, port, str(teacher_path), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((rank, rest) for rank, *rest in (out.get(timeout=180) for _ in range(2)))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, (positions, ids, loss) in results.items():
+        rows = slice(rank * 4, rank * 4 + 4)
+        length = positions.shape[1]
+        assert length == (L - 4 if rank == 0 else L)
+        assert torch.equal(torch.from_numpy(positions), single.positions[rows, :length])
+        assert not single.positions[rows, length:].any()
+        assert torch.equal(torch.from_numpy(ids), single.input_ids[rows, :length])
+        assert loss == pytest.approx(single.generator_loss.item(), rel=1e-5)
+
+
+# -- the generator's draws and the labels (eq. 4-6) -------------------------------------------------
+
+
+def test_sample_from_logits_matches_the_softmax_and_respects_the_range():
+    logits = torch.tensor([[9.0, 0.0, 1.0, 2.0, -1.0, float("-inf"), 9.0]])
+    n = 40000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(3))
+    ids = sample_from_logits(logits.expand(n, 7), u, low=1, high=6)
+    assert ids.min() >= 1 and ids.max() <= 4  # id 0 and 6 are out of range, id 5 has probability 0
+    expected = torch.softmax(logits[0, 1:5], dim=0)
+    freq = torch.bincount(ids, minlength=7)[1:5].float() / n
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+    broken = torch.full((3, 7), float("nan"))
+    assert ((sample_from_logits(broken, torch.tensor([0.0, 0.5, 0.999]), 1, 6) >= 1)).all()
+
+
+def test_consistency_labels_follow_the_ids_not_the_mask():
+    original = torch.tensor([[101, 5, 6, 7, 102, 0]])
+    corrupted = torch.tensor([[101, 5, 9, 7, 102, 0]])
+    assert consistency_labels(original, corrupted).tolist() == [[1, 1, 0, 1, 1, 1]]
+
+
+def test_corruption_labels_match_the_replaced_positions(recipe):
+    batch = make_batch(5, b=8, length=16)
+    c = recipe.corrupt(batch, step=3)
+    ids = batch.input_ids
+    assert torch.equal(c.labels, (c.input_ids == ids).float())
+    assert torch.equal(c.input_ids[~c.positions], ids[~c.positions])  # only M is touched
+    assert not (c.labels[~c.positions] < 0.5).any()
+    assert not (c.positions & ~maskable(batch, recipe)).any()
+    assert torch.equal(c.positions.sum(dim=1), masked_count(maskable(batch, recipe), 0.35))
+    assert (c.input_ids[c.positions] >= recipe.replacement_ids[0]).all()  # no special ids proposed
+    # a fresh generator guesses wrong almost everywhere: inconsistent tokens at a non-trivial rate
+    assert (c.labels[c.positions] < 0.5).float().mean() > 0.5
+
+
+def test_replacements_equal_to_the_original_are_consistent(recipe, monkeypatch):
+    """Force the generator's draw to return the original token at every other masked position."""
+    import fastvl.methods.epic as epic_module
+
+    batch = make_batch(6, b=8, length=16)
+    positions = recipe.corrupt(batch, step=0).positions
+    originals = batch.input_ids[positions]
+    keep = torch.arange(originals.numel()) % 2 == 0
+    real_sample = epic_module.sample_from_logits
+
+    def sample_keeping_some(logits, u, low, high):
+        return torch.where(keep, originals, real_sample(logits, u, low, high))
+
+    monkeypatch.setattr(epic_module, "sample_from_logits", sample_keeping_some)
+    c = recipe.corrupt(batch, step=0)
+    assert torch.equal(c.positions, positions)
+    labels = c.labels[positions]
+    assert (labels[keep] == 1).all()  # masked but unchanged: consistent (eq. 6)
+    changed = c.input_ids[positions] != originals
+    assert torch.equal(labels[~keep] == 0, changed[~keep])
+
+
+def test_token_consistency_loss_and_metrics():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.0, -2.0, 1.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 1.0]])
+    real = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    loss = token_consistency_loss(logits, labels, real)
+    where = real.bool()
+    expected = F.binary_cross_entropy_with_logits(logits[where], labels[where])
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    grad = (torch.sigmoid(logits.detach()) - labels) * where / where.sum()
+    torch.testing.assert_close(logits.grad, grad)
+    masked = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    m = token_consistency_metrics(logits.detach(), labels, real, masked)
+    assert m["inconsistent_fraction"].item() == pytest.approx(3 / 3)
+    # predictions (z > 0): [1, 0, 1 | x] and [0, 0, 1, 0]; 4 of 7 real tokens right
+    assert m["token_consistency_acc"].item() == pytest.approx(4 / 7)
+    assert m["inconsistent_recall"].item() == pytest.approx(2 / 3)
+
+
+# -- gradients and the frozen teacher ---------------------------------------------------------------
+
+
+def grads(module):
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+def nonzero(grad):
+    return grad is not None and grad.abs().sum() > 0
+
+
+def test_generator_learns_only_from_l_gen(teacher_path):
+    r = build(teacher_path).train()
+    batch = make_batch(7)
+    # every loss but L_GEN: the generator must receive nothing
+    r.loss_weights["gen"] = 0.0
+    out = r(batch)
+    assert "gen" not in out and "generator_mlm" in out
+    out["loss"].backward()
+    assert all(not nonzero(g) for g in grads(r.generator).values())
+    assert nonzero(r.consistency_head.weight.grad)
+    assert nonzero(r.base.backbone.text_encoder.embeddings.word_embeddings.weight.grad)
+    # L_GEN alone: only the generator receives gradient
+    r.zero_grad(set_to_none=True)
+    r.loss_weights["gen"] = 1.0
+    r.corrupt(batch).generator_loss.backward()
+    assert nonzero(r.generator.text_encoder.embeddings.word_embeddings.weight.grad)
+    assert all(nonzero(g) for g in grads(r.generator).values())
+    others = {n: g for n, g in grads(r).items() if not n.startswith("generator.")}
+    assert all(g is None for g in others.values())
+    assert not list(r.saliency.parameters())
+
+
+def test_teacher_stays_frozen_through_training(teacher_path):
+    r = build(teacher_path).train()
+    assert not r.saliency.training and not r.saliency.backbone.training
+    assert all(not m.training for m in r.saliency.modules())
+    before = {n: b.clone() for n, b in r.saliency.named_buffers()}
+    assert not any(n.startswith("saliency.") for n in r.state_dict())  # not stored in checkpoints
+    optimizer = torch.optim.AdamW([p for p in r.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(3):
+        out = r(make_batch(10 + step))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        r.after_step(step + 1)
+    after = dict(r.saliency.named_buffers())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not r.saliency.backbone.training
+    assert r.current_step == r.base.current_step == 3
+
+
+def test_image_encoder_runs_once_and_its_states_are_reused(teacher_path):
+    r = build(teacher_path)  # eval mode: no dropout, so both paths must agree exactly
+    calls = []
+    handle = r.base.backbone.vision_encoder.register_forward_hook(lambda m, a, o: calls.append(o))
+    try:
+        batch = make_batch(8)
+        with torch.no_grad():
+            out = r(batch)
+            assert len(calls) == 1  # the base's pass is the only one
+            c = r.corrupt(batch)
+            logits = r.consistency_logits(r.base.backbone.encode_image(batch.images), c.input_ids,
+                                          batch.attention_mask)
+            loss = token_consistency_loss(logits, c.labels, batch.attention_mask)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out["token_consistency"], loss)
+
+
+# -- configuration and switches ---------------------------------------------------------------------
+
+
+def test_teacher_errors(tmp_path, teacher_path):
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        build_method(load_config(CONFIG, ["method.options.teacher=null"]))
+    with pytest.raises(ConfigError, match="checkpoint not found"):
+        build(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="unknown base recipe"):
+        build(teacher_path, base="clip")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        build(teacher_path, mask_rate=0.3)
+    other = save_fresh("configs/tiny_albef.json", tmp_path / "other.pt", 0, "model.image_size=32")
+    with pytest.raises(ConfigError, match="image_size"):
+        build(other)
+
+
+def test_random_positions_need_no_teacher():
+    r = build_method(load_config(CONFIG, ["method.options.teacher=null", 'method.options.masking="random"']))
+    assert r.saliency is None
+    c = r.corrupt(make_batch(9))
+    assert c.saliency is None
+    assert torch.equal(c.positions.sum(dim=1), masked_count(maskable(make_batch(9), r), 0.35))
+
+
+def test_random_replacement_switch(teacher_path):
+    r = build(teacher_path, replacement="random").train()
+    assert r.generator is None and "gen" not in r.loss_weights
+    batch = make_batch(11, b=8, length=16)
+    c = r.corrupt(batch)
+    assert c.generator_loss is None
+    low, high = r.replacement_ids
+    assert ((c.input_ids[c.positions] >= low) & (c.input_ids[c.positions] < high)).all()
+    out = r(batch)
+    assert "gen" not in out and torch.isfinite(out["loss"])
+
+
+def test_frozen_generator_switch(teacher_path):
+    r = build(teacher_path, generator_training="frozen").train()
+    assert not r.generator.training and "gen" not in r.loss_weights
+    assert not any(p.requires_grad for p in r.generator.parameters())
+    out = r(make_batch(12))
+    assert "gen" not in out and "generator_mlm" in out
+    out["loss"].backward()
+    assert all(p.grad is None for p in r.generator.parameters())
+
+
+def test_mask_ratio_switch(teacher_path):
+    r = build(teacher_path, mask_ratio=0.15)
+    batch = make_batch(13, b=8, length=24)
+    assert torch.equal(r.corrupt(batch).positions.sum(dim=1), masked_count(maskable(batch, r), 0.15))
+
+
+def test_generator_shape_and_minilm_init(teacher_path):
+    r = build(teacher_path, generator_layers=2, generator_width=384, generator_heads=12,
+              generator_intermediate=1536, generator_init="minilm")
+    report = r.generator.init_report
+    assert len(r.generator.text_encoder.encoder.layer) == 2
+    assert any(n.startswith("text_encoder.encoder.layer.1.") for n in report.loaded)
+    assert "text_encoder.embeddings.word_embeddings.weight" in report.loaded
+    c = r.corrupt(make_batch(14))
+    assert torch.isfinite(c.generator_loss)
+
+
+def test_epic_mounts_on_mamo_with_a_mamo_teacher(tmp_path):
+    """MAMO + EPIC is a config; the single-stream teacher reads image [CLS] query x text keys."""
+    mamo = json.load(open("configs/tiny_mamo.json"))["method"]["options"]
+    teacher = save_fresh("configs/tiny_mamo.json", tmp_path / "mamo.pt")
+    r = build(teacher, base="mamo", base_options=mamo).train()
+    assert r.saliency.layout == "concat"
+    assert set(r.loss_weights) == {"itc", "itm", "mlm", "mrm", "mim", "token_consistency", "gen"}
+    batch = make_batch(15)
+    out = r(batch)
+    assert {"mrm", "mim", "token_consistency", "gen"} <= set(out) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert r.consistency_head.weight.grad is not None
+
+    # eq. 8 on the concatenation, straight from the penultimate self-attention's projections
+    reference, _, _ = load_recipe(str(teacher))
+    bb = reference.backbone
+    with torch.no_grad():
+        image = bb.encode_image(batch.images)
+        text = bb.encode_text(batch.input_ids, batch.attention_mask)
+        fusion = bb.fusion_encoder
+        hidden = torch.cat([fusion.image_tokens(image), text], dim=1)
+        kpm = torch.cat([torch.ones(B, 1 + fusion.num_patches, dtype=torch.bool), batch.attention_mask.bool()], dim=1)
+        for layer in fusion.encoder.layer[:-2]:
+            hidden = layer(hidden, kpm)
+        attn = fusion.encoder.layer[-2].attention.self
+        q = heads(attn.query(hidden[:, :1]), attn.heads)
+        k = heads(attn.key(hidden[:, fusion.text_offset:]), attn.heads)
+        scores = (q @ k.transpose(-1, -2)).squeeze(2).mean(dim=1)
+        allowed = maskable(batch, r)
+        alpha = r.saliency(batch.images, batch.input_ids, batch.attention_mask, allowed)
+    torch.testing.assert_close(alpha, masked_softmax(scores, allowed), atol=1e-6, rtol=1e-5)
+
+
+# -- end to end on the built-in data ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_epic")
+    generate(out, train=128, heldout=8, seed=0, image_size=64, shard_size=64, progress=False)
+    return out
+
+
+def run_config(synth, teacher, out_dir, *overrides):
+    return epic_config(teacher, f"data.train={synth / 'train'}", f"data.eval={synth / 'heldout'}",
+                       f"train.output_dir={out_dir}", "data.batch_size=16", "data.num_workers=0",
+                       "train.warmup_steps=3", "train.log_every=1", "train.save_every=0", "train.resume=false",
+                       *overrides)
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_losses_fall_on_builtin_data(synth, teacher_path, tmp_path):
+    from fastvl.train.loop import train
+
+    cfg = run_config(synth, teacher_path, tmp_path / "run", "train.steps=30", "train.lr=5e-4", "train.precision=fp32")
+    rows = read_rows(train(cfg, progress=False).metrics)
+    assert len(rows) == 30
+
+    def mean(name, part):
+        return sum(r[name] for r in part) / len(part)
+
+    first, last = rows[:5], rows[-5:]
+    assert mean("gen", last) < 0.9 * mean("gen", first)  # the generator learns the captions' language
+    assert mean("mlm", last) < 0.9 * mean("mlm", first)
+    assert mean("token_consistency", last) < mean("token_consistency", first)
+    assert mean("token_consistency_acc", last) > 0.6
+    assert mean("loss", last) < mean("loss", first)
+    # even after fitting the corpus, the generator still makes inconsistent tokens
+    assert mean("inconsistent_fraction", last) > 0.2
+    assert all(0 < r["inconsistent_fraction"] <= 1 for r in rows)
+
+
+def test_zero2_bf16_and_reload(synth, teacher_path, tmp_path):
+    """DeepSpeed ZeRO-2 in bf16 on CPU; the checkpoint reloads (teacher from its path, not the file)."""
+    from fastvl.train.loop import train
+
+    cfg = run_config(synth, teacher_path, tmp_path / "run", "train.steps=3", "train.lr=1e-4", "train.precision=bf16",
+                     "train.zero_stage=2", "data.batch_size=4")
+    rows = read_rows(train(cfg, progress=False).metrics)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["precision"] == "bf16" and run["zero_stage"] == 2
+    assert set(run["loss_names"]) == {"itc", "itm", "mlm", "token_consistency", "gen"}
+    assert len(rows) == 3
+    assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "itc", "itm", "mlm", "token_consistency", "gen"))
+    recipe, _, step = load_recipe(str(tmp_path / "run"))
+    assert step == 3 and recipe.saliency is not None
+    assert recipe.scorer.recipe is recipe.base
+    # an EPIC run can itself be the next run's teacher
+    teacher = SaliencyTeacher(load_teacher(str(tmp_path / "run"), cfg))
+    batch = make_batch(16)
+    allowed = maskable(batch, recipe)
+    alpha = teacher(batch.images, batch.input_ids, batch.attention_mask, allowed)
+    torch.testing.assert_close(alpha.sum(dim=1), torch.ones(B))

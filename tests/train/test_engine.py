@@ -1,0 +1,91 @@
+"""Unit tests of the engine's pure parts: precision, parameter groups, LR schedule, DeepSpeed config,
+ZeRO-3 checks (no process group needed)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastvl.config import ConfigError, load_config
+from fastvl.train.engine import (check_zero3_support, cpu_has_native_bf16, deepspeed_config, lr_factor,
+                                 parameter_groups, resolve_precision)
+
+CPU = torch.device("cpu")
+
+
+def test_fp16_on_cpu_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"train.precision=fp16 needs a CUDA GPU.*use train.precision=bf16 or fp32"):
+        resolve_precision("fp16", CPU)
+
+
+def test_precision_auto_and_explicit_on_cpu():
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("bf16", CPU) == "bf16"
+    assert resolve_precision("fp32", CPU) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.linear = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.temperature = nn.Parameter(torch.tensor(0.07))
+        self.frozen = nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+
+def test_parameter_groups_decay_only_weight_matrices():
+    model = _Model()
+    decay, no_decay = parameter_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == {"linear.weight"}
+    assert {names[id(p)] for p in no_decay["params"]} == {"embed.weight", "pos_embed", "linear.bias", "norm.weight",
+                                                          "norm.bias", "temperature"}
+
+
+def test_lr_factor_warmup_then_cosine_to_floor():
+    warmup, total, floor = 10, 110, 0.05
+    factors = [lr_factor(s, warmup, total, floor) for s in range(total + 5)]
+    assert factors[0] == pytest.approx(0.1) and factors[warmup - 1] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(factors[:warmup - 1], factors[1:warmup]))
+    assert factors[warmup] == pytest.approx(1.0)
+    after = factors[warmup:total + 1]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert factors[warmup + 50] == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert factors[total] == pytest.approx(floor) and factors[-1] == pytest.approx(floor)
+
+
+def test_deepspeed_config_batch_accumulation_clipping_precision():
+    cfg = load_config(None, ["data.batch_size=6", "train.grad_accum=3", "train.grad_clip=0.5", "train.zero_stage=2"])
+    ds = deepspeed_config(cfg, "bf16", world_size=4)
+    assert ds["train_batch_size"] == 6 * 3 * 4
+    assert ds["train_micro_batch_size_per_gpu"] == 6 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    assert ds["zero_optimization"] == {"stage": 2}
+    fp16 = deepspeed_config(cfg, "fp16", world_size=1)
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
+    # ZeRO-0 fp32: the trainer clips (DeepSpeed's fp32 clipping breaks on 0-dim parameters)
+    stage0 = load_config(None, ["train.grad_clip=0.5", "train.zero_stage=0"])
+    assert deepspeed_config(stage0, "fp32", world_size=1)["gradient_clipping"] == 0.0
+
+
+def test_zero3_refuses_scalar_parameters_and_opted_out_recipes():
+    with pytest.raises(ConfigError, match=r"zero_stage=3 cannot partition the 0-dim parameter\(s\) temperature"):
+        check_zero3_support(_Model())
+
+    class OptedOut(nn.Module):
+        supports_zero3 = False
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
+
+    with pytest.raises(ConfigError, match=r"zero_stage=3 is not supported by recipe OptedOut"):
+        check_zero3_support(OptedOut())
+    check_zero3_support(nn.Linear(2, 2))  # nothing to refuse
