@@ -54,7 +54,7 @@ def evaluate(recipe, batches, cfg: RunConfig, device: torch.device = torch.devic
     """Retrieval and probe metrics of ``recipe.scorer`` over ``batches``."""
     started = time.perf_counter()
     data = encode(recipe.scorer, batches, device, max_samples=cfg.eval.max_samples or None)
-    batch_size = cfg.data.batch_size
+    batch_size = 4 * cfg.data.batch_size  # ITM pairs need no gradients: bigger batches, fewer calls
     result = {"retrieval": retrieval_metrics(data, recipe.scorer, cfg.eval.k_values, cfg.eval.itm_rerank,
                                              batch_size, device),
               "probes": probe_metrics(data, recipe.scorer, batch_size, device)}

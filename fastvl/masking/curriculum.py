@@ -30,6 +30,9 @@ with the first batch) of that layer's mean reward over the real destination rows
 learned rollouts only, so learned and random masks of one batch are compared on the same scale;
 "batch" divides by this batch's mean of that layer; "none" skips it. Layers are then averaged.
 
+Hosted mode (``attach_host``, used when another recipe such as MAMO names ``text_masking="curriculum"``):
+the policy drives itself from that recipe's masking call; see ``attach_host``.
+
 Schedule (``update_delay``): masks for batch t are sampled at the start of forward(t) by the agent
 with its parameters after all updates so far; after the optimizer step of batch t the agent learns
 from batch t's rollout (delay 0) or from batch t-1's (delay 1, default: the paper's parallel agent
@@ -39,8 +42,7 @@ run in order; nothing depends on timing.
 from __future__ import annotations
 
 import io
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -342,7 +344,8 @@ class CurriculumMasking(nn.Module):
         steps = torch.zeros(b, length, dtype=torch.long, device=attention_mask.device)
         mask[:, 1:] = sample.mask
         steps[:, 1:] = sample.step
-        rollout = None if (random or not o.learns) else Rollout(image_feats, text_feats, padding, lengths, sample, old_log_prob, step=step)
+        rollout = None if (random or not o.learns) else Rollout(image_feats, text_feats, padding, lengths, sample,
+                                                                 old_log_prob, step=step)
         return MaskChoice(mask, steps, rollout, sample.entropy)
 
     def forward(self, batch, step: int) -> TextMask:

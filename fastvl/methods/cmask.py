@@ -60,6 +60,13 @@ Choices where the paper is vague (all config values):
 - No ITM head (the paper adds only ITC for retrieval); the scorer ranks by ITC (``itm_scores`` is the
   ITC cosine mapped to [0, 1], so eval's re-ranking keeps the ITC order).
 
+Composition: ``method.text_masking="curriculum"`` in another recipe with an ALBEF-layout backbone and a
+single-stream fusion encoder (MAMO) builds the same policy in *hosted* mode
+(``CurriculumMasking.attach_host``): the agent reads that recipe's ViT + text-encoder outputs (an extra
+no_grad pass), masks in place for its one-step MLM at ``method.mlm_probability``, measures the reward on
+the next fusion pass with a one-shot observer and learns at the next masking call. The reward metrics are
+kept in ``recipe.text_masking.last_metrics`` but that recipe's forward does not log them.
+
 Metrics per step: ``reward`` (mean G of the learned masks), ``reward_per_token`` (mean R of the
 predicted tokens), ``reward_random`` (G of a random same-quota mask on the same batch, measured every
 ``random_reward_every`` steps and carried between), ``policy_entropy`` (the composite action's
@@ -130,7 +137,8 @@ class CMask(Recipe):
             image_width, text_width = cfg.model.vision_width, cfg.model.text_width
         self.shared_layers = total // 2 if o.shared_layers is None else o.shared_layers
         if self.shared_layers > total:
-            raise ConfigError(f"method.options.shared_layers ({self.shared_layers}) exceeds the {total} shareable layers")
+            raise ConfigError(f"method.options.shared_layers ({self.shared_layers}) exceeds the {total} "
+                              f"shareable layers")
         self.temperature = nn.Parameter(torch.tensor(cfg.method.temperature))
         if cfg.method.text_masking not in ("random", "curriculum"):
             raise ConfigError("cmask masks text with its curriculum agent: method.text_masking must be 'curriculum' "
@@ -240,7 +248,8 @@ class CMask(Recipe):
         if self.curriculum.last_random_return is not None:
             metrics["reward_random"] = self.curriculum.last_random_return
         metrics["policy_entropy"] = choice.entropy.float().mean()
-        metrics["masked_fraction"] = choice.mask.sum() / self.curriculum.action_space(batch.attention_mask).sum().clamp(min=1)
+        words = self.curriculum.action_space(batch.attention_mask).sum().clamp(min=1)
+        metrics["masked_fraction"] = choice.mask.sum() / words
         if o.learns:
             metrics.update({k: v.to(states.device) for k, v in self.curriculum.last_metrics.items()})
         metrics["temperature"] = self.temperature

@@ -194,6 +194,11 @@ class Epic(Recipe):
         super().__init__(cfg)
         self.options = o = options
         m = cfg.model
+        # the teacher first: a missing or unfit checkpoint stops here, before anything is built
+        self.saliency: Optional[SaliencyTeacher] = None
+        if o.masking == "saliency":
+            self.saliency = SaliencyTeacher(load_teacher(o.teacher, cfg), layer=o.saliency_layer,
+                                            scale=o.saliency_scale)
 
         base_losses = {k: v for k, v in cfg.method.losses.items() if k in base_cls.default_losses}
         base_method = dataclasses.replace(cfg.method, name=o.base, options=dict(o.base_options), losses=base_losses)
@@ -221,11 +226,6 @@ class Epic(Recipe):
             if self.generator is not None:
                 self.generator.requires_grad_(False)
                 self.generator.eval()
-
-        self.saliency: Optional[SaliencyTeacher] = None
-        if o.masking == "saliency":
-            self.saliency = SaliencyTeacher(load_teacher(o.teacher, cfg), layer=o.saliency_layer,
-                                            scale=o.saliency_scale)
 
         self.consistency_head = nn.Linear(m.text_width, 1)
         self.consistency_head.apply(init_weights)

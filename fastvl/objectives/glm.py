@@ -91,7 +91,8 @@ def build_glm_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask
     real = src >= 0
     gather_at = src.clamp(min=0)
     pseudo_ids = torch.where(real, torch.full_like(src, mask_id), torch.zeros_like(src))
-    pseudo_step = torch.where(real, torch.gather(step, 1, gather_at), torch.zeros(b, p, dtype=torch.int32, device=device))
+    no_step = torch.zeros(b, p, dtype=torch.int32, device=device)
+    pseudo_step = torch.where(real, torch.gather(step, 1, gather_at), no_step)
     pseudo_labels = torch.where(real, torch.gather(input_ids, 1, gather_at), torch.full_like(src, IGNORE_INDEX))
 
     return GlmInputs(

@@ -195,3 +195,27 @@ def test_unsafe_member_names():
         assert not is_safe_member_name(name), name
     for name in ("x.jpg", "dir/x.jpg", "a..b/x.jpg", "dir/..x.jpg"):
         assert is_safe_member_name(name), name
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_epoch_report_counts_each_epoch_and_survives_resume(tmp_path, decoder):
+    case = next(c for c in CASES if c.name == "truncated_jpeg")
+    write_case(tmp_path, case)
+    (tmp_path / "shard-000001.tar").write_bytes((tmp_path / "shard-000000.tar").read_bytes())  # 8 samples, 2 bad
+    cfg = make_config(tmp_path, batch_size=2, num_workers=0, shuffle_buffer=0, decoder=decoder)
+    straight = build_loader(cfg, "train")
+    batches = list(itertools.islice(iter(straight), 8))  # exactly two epochs of 8 positions
+    reports = straight.pop_epoch_reports()
+    assert len(reports) == 2 and straight.pop_epoch_reports() == []
+    assert all("8 samples, skipped 2 (truncated_image 2)" in line for line in reports), reports
+    assert reports[0].startswith(f"data train rank 0/1 epoch 0 done") and "epoch 1 done" in reports[1]
+    assert straight.metrics()["data/skipped/truncated_image"] == 4
+    assert all(len(b) == 2 for b in batches)
+    first = build_loader(cfg, "train")
+    iterator = iter(first)
+    for _ in range(3):
+        next(iterator)
+    resumed = build_loader(cfg, "train")
+    resumed.load_state_dict(first.state_dict())
+    list(itertools.islice(iter(resumed), 5))
+    assert resumed.pop_epoch_reports() == reports

@@ -118,6 +118,26 @@ def test_resume_mid_epoch_continues_with_the_right_sample(synth_dir):
     assert (resumed.epoch, resumed.samples_in_epoch) == (1, 10)
 
 
+def test_thread_count_does_not_change_the_stream(synth_dir):
+    one = take(build_loader(config(synth_dir / "train", num_workers=1), "train"), 5)
+    two = take(build_loader(config(synth_dir / "train", num_workers=2), "train"), 5)
+    assert keys_of(one) == keys_of(two)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(one, two))
+
+
+def test_an_error_in_our_own_reading_code_is_raised_not_taken_for_a_decoding_failure(synth_dir, monkeypatch):
+    real_prepare = loader_module._SampleReader.prepare
+
+    def broken(self, epoch, index):
+        if index == 7:
+            raise KeyError("a bug, not bad data")
+        return real_prepare(self, epoch, index)
+
+    monkeypatch.setattr(loader_module._SampleReader, "prepare", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        list(build_loader(config(synth_dir / "train"), "eval", max_samples=12))
+
+
 def test_flipped_images_get_mirrored_captions(half_red_half_blue):
     loader = build_loader(config(half_red_half_blue, batch_size=8), "train", with_negatives=True)
     flips = []

@@ -331,10 +331,17 @@ def test_special_cases_match_sdpa(impl):
         grad_out = torch.randn(expected.shape, generator=gen)
         grads_expected = torch.autograd.grad(expected, (q, k, v), grad_out)
         out = pa.permutation_attention(q, k, v, kind, step, impl=impl)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out)
-        assert_close_verbose(out, expected, 1e-5, 1e-4, f"{name} out")
-        for gname, g, g_exp in zip(("dq", "dk", "dv"), grads, grads_expected):
-            assert_close_verbose(g, g_exp, 2e-5, 1e-4, f"{name} {gname}")
+        runs = [("public", out, torch.autograd.grad(out, (q, k, v), grad_out))]
+        # Small tiles as well: fully visible tiles (no masking) and skipped ones both occur.
+        small = {"cpp": (run_cpp, (8, 16)), "triton": (run_triton, (16, 16))}.get(impl)
+        if small is not None:
+            tiled_out, _, tiled_grads = small[0](q.detach(), k.detach(), v.detach(), kind, step, None, grad_out,
+                                                 head_dim**-0.5, small[1])
+            runs.append(("small tiles", tiled_out, tiled_grads))
+        for run, out, grads in runs:
+            assert_close_verbose(out, expected, 1e-5, 1e-4, f"{name} {run} out")
+            for gname, g, g_exp in zip(("dq", "dk", "dv"), grads, grads_expected):
+                assert_close_verbose(g, g_exp, 2e-5, 1e-4, f"{name} {run} {gname}")
 
 
 def test_tile_summaries_are_sound_and_skip_causal():

@@ -473,11 +473,11 @@ def single_thread(monkeypatch):
 
 @pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (2, "bf16")])
 def test_resume_restores_the_target_network_exactly(synth, tmp_path, zero_stage, precision, single_thread):
-    extra = ["train.steps=6", "train.save_every=3", f"train.zero_stage={zero_stage}", f"train.precision={precision}"]
+    extra = ["train.steps=4", "train.save_every=2", f"train.zero_stage={zero_stage}", f"train.precision={precision}"]
     straight = train(trainer_cfg(synth, tmp_path / "straight", *extra), progress=False)
-    assert train(trainer_cfg(synth, tmp_path / "split", *extra), stop_at=3, progress=False).step == 3
+    assert train(trainer_cfg(synth, tmp_path / "split", *extra), stop_at=2, progress=False).step == 2
     resumed = train(trainer_cfg(synth, tmp_path / "split", *extra), progress=False)
-    assert resumed.step == 6
+    assert resumed.step == 4
     a = torch.load(straight.consolidated, weights_only=False)["state_dict"]
     b = torch.load(resumed.consolidated, weights_only=False)["state_dict"]
     assert a.keys() == b.keys() and teacher_state(a)
@@ -493,16 +493,22 @@ def test_resume_restores_the_target_network_exactly(synth, tmp_path, zero_stage,
     assert [r["mrm"] for r in rows_a] == [r["mrm"] for r in rows_b]
     if precision == "bf16":
         # the DeepSpeed step folder (ZeRO-2, bf16) reads back with the fp32 target network
-        recipe, _, step = load_recipe(str(tmp_path / "split" / "step_6"))
-        assert step == 6
+        recipe, _, step = load_recipe(str(tmp_path / "split" / "step_4"))
+        assert step == 4
         for name, value in teacher.items():
             assert torch.equal(recipe.state_dict()[name], value), name
 
 
-def test_ema_teacher_under_zero3_gathers_the_online_parameters(tmp_path):
+def test_ema_teacher_under_zero3_gathers_the_online_parameters(tmp_path, monkeypatch):
     """A recipe that opts into ZeRO-3 with an EMA teacher: the update gathers the partitioned online
     weights, so the teacher ends where ZeRO-0's does."""
+    import fastvl.models.ema as ema_module
     from tests.train.conftest import StandInLoader, StandInRecipe, stand_in_config
+
+    partitioned = []
+    gathered = ema_module._gathered
+    monkeypatch.setattr(ema_module, "_gathered",
+                        lambda params: partitioned.append(any(hasattr(p, "ds_id") for p in params)) or gathered(params))
 
     class EmaStandIn(StandInRecipe):
         supports_zero3 = True
@@ -527,6 +533,8 @@ def test_ema_teacher_under_zero3_gathers_the_online_parameters(tmp_path):
                               'method.options={"scalar_shape": "[1]", "dropout": 0.0}')
         result = train(cfg, build_recipe=EmaStandIn, build_loader=StandInLoader, progress=False)
         runs[stage] = (torch.load(result.consolidated, weights_only=False)["state_dict"], read_metrics(result.metrics))
+        assert partitioned and all(flag == (stage == 3) for flag in partitioned)  # ZeRO-3 did partition them
+        partitioned.clear()
     teacher0, teacher3 = teacher_state(runs[0][0]), teacher_state(runs[3][0])
     assert teacher0 and teacher0.keys() == teacher3.keys()
     for name in teacher0:
