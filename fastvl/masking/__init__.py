@@ -11,7 +11,8 @@ class RandomCaptionMasking:
     """``method.text_masking = "random"``: BERT-style masking of the batch's captions."""
 
     def __init__(self, cfg: RunConfig, special: SpecialIds):
-        self.masking = RandomTextMasking(special, cfg.method.mlm_probability, cfg.method.mlm_replace, seed=cfg.train.seed)
+        self.masking = RandomTextMasking(special, cfg.method.mlm_probability, cfg.method.mlm_replace,
+                                         seed=cfg.train.seed, draw_length=cfg.data.max_text_len)
 
     def __call__(self, batch, step: int) -> TextMask:
         return self.masking(batch.input_ids, batch.attention_mask, step)

@@ -38,18 +38,20 @@ class RandomTextMasking:
     [MASK], a random ordinary token, or stays itself with the ``replace`` fractions (0.8/0.1/0.1 for
     BERT and ALBEF; MaskVLM uses 1/0/0 at 30%).
 
-    Draws come from ``global_uniform`` (seeded by seed, step), so the choice for a sample does not
-    depend on how the global batch is split across ranks.
+    Draws come from ``global_uniform`` (seeded by seed, step) with rows of ``draw_length`` positions,
+    sliced to the batch's length, so the choice for a sample depends neither on how the global batch
+    is split across ranks nor on how far each rank's batch is padded.
     """
 
     def __init__(self, special: SpecialIds, probability: float, replace=(0.8, 0.1, 0.1), seed: int = 0,
-                 stream: int = 1):
+                 stream: int = 1, draw_length: int = 0):
         self.special, self.probability, self.replace = special, probability, tuple(replace)
-        self.seed, self.stream = seed, stream
+        self.seed, self.stream, self.draw_length = seed, stream, draw_length
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step: int) -> TextMask:
         b, length = input_ids.shape
-        u = global_uniform(b, (3, length), seed=self.seed, step=step, stream=self.stream, device=input_ids.device)
+        u = global_uniform(b, (3, max(length, self.draw_length)), seed=self.seed, step=step, stream=self.stream,
+                           device=input_ids.device)[:, :, :length]
         chosen = maskable_positions(input_ids, attention_mask, self.special) & (u[:, 0] < self.probability)
         to_mask = chosen & (u[:, 1] < self.replace[0])
         to_random = chosen & (u[:, 1] >= self.replace[0]) & (u[:, 1] < self.replace[0] + self.replace[1])

@@ -67,16 +67,11 @@ class RankOrderedLoader:
 
 
 LAUNCHER = Path(sys.executable).parent / "deepspeed"
-PER_BATCH_PADDING_BUG = (
-    "fastvl.masking.text draws its MLM masking uniforms as global_uniform(b, (3, length)) with `length` the "
-    "rank's own padded caption length, so the masks depend on how the batch is split; remove this marker "
-    "once the draws use a rank-independent length (e.g. data.max_text_len, sliced)")
-
 
 @pytest.mark.skipif(not LAUNCHER.exists(), reason="the deepspeed launcher is not installed next to this interpreter")
 @pytest.mark.parametrize("padding", [
     "same_length",
-    pytest.param("per_batch", marks=pytest.mark.xfail(reason=PER_BATCH_PADDING_BUG, strict=True)),
+    "per_batch",
 ])
 def test_two_process_zero2_matches_one_process(synth_data, tmp_path, padding):
     """``same_length``: captions truncated to 12 tokens, so every rank and the single process pad their
