@@ -1,27 +1,32 @@
 """End-to-end training step: samples/s, median step time and peak memory of one optimizer step
-(forward + backward + DeepSpeed step) for a config and a method — the baseline every method's
-overhead is measured against.
+(forward + backward + DeepSpeed step) for one or more runs, side by side in one process, with overheads
+(run / first run) against the first run — the baseline every method's overhead is measured against.
 
-    python -m bench.bench_train_step [--config configs/tiny_albef.json] [--method albef]
-                                     [--set data.batch_size=64 ...] [--steps 20] [--warmup 3]
+    python -m bench.bench_train_step                                   # the tiny ALBEF baseline
+    python -m bench.bench_train_step --run albef configs/tiny_albef.json \\
+        --run maskvlm configs/tiny_maskvlm.json --set data.batch_size=16
+    python -m bench.bench_train_step --run random configs/tiny_cmask.json method.options.mask_selection=random \\
+        --run agent configs/tiny_cmask.json
 
-One process. The batch is the first batch of ``data.train`` when that path exists (else a random
-batch of the same shape: images, captions of ``--text-len`` tokens), reused every step so the number
-is the model + optimizer cost without data loading. Prints one JSON row and appends it to
-bench/results/train_step.jsonl (bench/harness.py).
+``--run LABEL CONFIG [KEY=VALUE ...]`` adds a run (its own overrides); ``--set KEY=VALUE ...`` applies
+to every run. One process. Each run's batch is the first batch of its ``data.train`` when that path
+exists (else a seeded random batch of the same shape), reused every step, so the number is the model
++ optimizer cost without data loading; each step advances the recipe's step counter (``after_step``)
+as training does. Prints a table and one JSON row per run, appended to bench/results/train_step.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 from pathlib import Path
 
 import torch
 
-from bench.harness import machine, peak_extra_bytes, save_rows, time_ms
+from bench.harness import machine, peak_extra_bytes, print_table, save_rows, time_ms
 from fastvl.config import load_config
 from fastvl.data.batch import Batch
+
+DEFAULT_RUN = ["albef", "configs/tiny_albef.json"]
 
 
 def fixed_batch(cfg, text_len: int) -> tuple[Batch, str]:
@@ -36,32 +41,16 @@ def fixed_batch(cfg, text_len: int) -> tuple[Batch, str]:
     return Batch(torch.randn(b, 3, size, size, generator=g), ids, torch.ones_like(ids), []), "random"
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/tiny_albef.json")
-    parser.add_argument("--method", default=None, help="recipe name (method.name), default: the config's")
-    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--text-len", type=int, default=24, help="caption tokens of the random batch")
-    parser.add_argument("--no-memory", action="store_true", help="skip the (slow on CPU) profiler memory pass")
-    args = parser.parse_args(argv)
-    overrides = [item for group in args.overrides for item in group]
-    if args.method:
-        overrides.append(f"method.name={args.method}")
-    cfg = load_config(args.config, overrides + ["train.save_every=0", "train.resume=false"])
-
+def bench_run(label: str, config: str, overrides: list[str], args, world: int, device) -> dict:
     from fastvl.methods import build_method
-    from fastvl.train.engine import build_engine, device_for, init_distributed
-    from fastvl.train.loop import _quiet_deepspeed, _to_device, seed_everything
+    from fastvl.train.engine import build_engine
+    from fastvl.train.loop import seed_everything, to_engine
 
-    _quiet_deepspeed()
-    _, world, local_rank = init_distributed()
-    device = device_for(local_rank)
+    cfg = load_config(config, overrides + ["train.save_every=0", "train.resume=false"])
     seed_everything(cfg.train.seed)
     engine = build_engine(cfg, build_method(cfg), world, device)
     batch, source = fixed_batch(cfg, args.text_len)
-    batch = _to_device(batch, engine)
+    batch = to_engine(batch, engine)
     steps_done = [0]
 
     def step():
@@ -72,17 +61,50 @@ def main(argv=None) -> dict:
 
     timing = time_ms(step, warmup=args.warmup, reps=args.steps)
     samples = cfg.data.batch_size * cfg.train.grad_accum * world
-    row = {"op": "train_step", "provider": cfg.method.name,
-           "shape": f"{cfg.model.preset} b{samples} L{batch.input_ids.shape[1]} {engine.precision} zero{cfg.train.zero_stage}",
-           "config": args.config, "overrides": overrides, "batch_source": source, "machine": machine(),
+    row = {"op": "train_step", "provider": label,
+           "shape": f"{cfg.method.name} {cfg.model.preset} b{samples} L{batch.input_ids.shape[1]} "
+                    f"{engine.precision} zero{cfg.train.zero_stage}",
+           "config": config, "overrides": overrides, "batch_source": source, "machine": machine(),
            "torch": torch.__version__, "optimizer": engine.optimizer_name, **timing,
            "samples_per_s": samples / (timing["ms"] / 1e3)}
     if not args.no_memory:
         row["peak_extra_bytes"] = peak_extra_bytes(step, device.type)
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(row))
-    save_rows("train_step", [row])
     return row
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", dest="runs", action="append", nargs="+", metavar="LABEL CONFIG [KEY=VALUE]",
+                        help="a run to measure; the first is the baseline (default: albef configs/tiny_albef.json)")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--text-len", type=int, default=24, help="caption tokens of the random batch")
+    parser.add_argument("--no-memory", action="store_true", help="skip the (slow on CPU) profiler memory pass")
+    args = parser.parse_args(argv)
+    runs = args.runs or [DEFAULT_RUN]
+    if any(len(run) < 2 for run in runs):
+        parser.error("--run needs a label and a config file: --run LABEL CONFIG [KEY=VALUE ...]")
+    shared = [item for group in args.overrides for item in group]
+
+    from fastvl.train.engine import device_for, init_distributed
+    from fastvl.train.loop import quiet_deepspeed
+
+    quiet_deepspeed()
+    _, world, local_rank = init_distributed()
+    device = device_for(local_rank)
+    rows = [bench_run(label, config, shared + extra, args, world, device) for label, config, *extra in runs]
+    base = rows[0]
+    for row in rows:
+        row[f"overhead_time_vs_{base['provider']}"] = row["ms"] / base["ms"]
+        if "peak_extra_bytes" in row:
+            row[f"overhead_memory_vs_{base['provider']}"] = row["peak_extra_bytes"] / base["peak_extra_bytes"]
+    print_table(rows)
+    for row in rows:
+        print(json.dumps(row))
+    save_rows("train_step", rows)
+    return rows
 
 
 if __name__ == "__main__":

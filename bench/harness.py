@@ -87,8 +87,8 @@ def run_cases(op: str, shape: str, cases: dict, baseline: str, reps: int = 10, w
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["op", "provider", "shape", "ms", "ms_p20", "ms_p80", "peak_extra_bytes"]
-    cols += sorted({k for r in rows for k in r if k.startswith(("speedup_vs_", "memory_ratio_vs_"))})
+    cols = ["op", "provider", "shape", "ms", "ms_p20", "ms_p80", "samples_per_s", "peak_extra_bytes"]
+    cols += sorted({k for r in rows for k in r if k.startswith(("speedup_vs_", "memory_ratio_vs_", "overhead_"))})
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     table = [cols] + [[fmt(r.get(c, "")) for c in cols] for r in rows]

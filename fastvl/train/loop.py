@@ -124,7 +124,7 @@ def _default_loader(cfg: RunConfig, split: str, rank: int, world_size: int, epoc
     return build_loader(cfg, split, rank, world_size, epoch)
 
 
-def _quiet_deepspeed() -> None:
+def quiet_deepspeed() -> None:
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -138,7 +138,7 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
     interruption would (the LR schedule still spans ``train.steps``); used to test exact resume.
     ``build_recipe`` / ``build_loader`` replace the recipe registry and the data loaders."""
     check_data_path(cfg.data.train, "data.train")
-    _quiet_deepspeed()
+    quiet_deepspeed()
     rank, world, local_rank = init_distributed()
     device = device_for(local_rank)
     resolve_precision(cfg.train.precision, device)  # fp16 on CPU stops here, before any work
@@ -186,7 +186,7 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
         lr = engine.lr()
         try:
             for _ in range(cfg.train.grad_accum):
-                batch = _to_device(stream.next(), engine)
+                batch = to_engine(stream.next(), engine)
                 outputs = engine.ds(batch)
                 engine.backward_and_step(outputs["loss"])
                 window.add_micro_batch(outputs)
@@ -232,7 +232,7 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
     return result
 
 
-def _to_device(batch: Batch, engine: Engine) -> Batch:
+def to_engine(batch: Batch, engine: Engine) -> Batch:
     batch = batch.to(engine.device, non_blocking=True)
     if batch.images.dtype != engine.dtype:
         batch.images = batch.images.to(engine.dtype)  # DeepSpeed keeps the module in the compute dtype
