@@ -17,6 +17,7 @@ import glob
 import json
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,9 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
     if progress and is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
+        # redirected to a file (a launcher log), redraw every 30 s instead of flooding it
+        bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
     total = cfg.train.steps if stop_at is None else min(cfg.train.steps, stop_at)
     window, last_row = MetricWindow(), None
