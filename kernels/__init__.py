@@ -7,30 +7,41 @@
 Each has a PyTorch reference (``*_reference``), a Triton kernel (CUDA) and a C++ kernel (CPU, from
 csrc/), chosen by ``impl="auto"``.
 """
-from ._cpp import HAS_CPP
-from .perm_attention import (
-    CONTEXT,
-    ORIGINAL,
-    PSEUDO,
-    permutation_attention,
-    permutation_attention_reference,
-    permutation_mask,
-)
-from .reward import value_weighted_topk_reward, value_weighted_topk_reward_reference
-from .span_sampling import SpanSample, sample_spans, sample_spans_reference, span_action_log_prob
+import sys
 
-__all__ = [
-    "HAS_CPP",
-    "CONTEXT",
-    "ORIGINAL",
-    "PSEUDO",
-    "permutation_attention",
-    "permutation_attention_reference",
-    "permutation_mask",
-    "value_weighted_topk_reward",
-    "value_weighted_topk_reward_reference",
-    "SpanSample",
-    "sample_spans",
-    "sample_spans_reference",
-    "span_action_log_prob",
-]
+if __name__ != "fastvl_kernels":
+    # Run from the repository root, this folder is also importable as plain `kernels`, and transformers
+    # imports whatever `kernels` it finds while probing for Hugging Face's package of that name.
+    # Executing these modules a second time would define the torch ops again and free the first
+    # registration under its live callers (a segfault later), so hand out the one real package.
+    import importlib
+
+    sys.modules[__name__] = importlib.import_module("fastvl_kernels")
+else:
+    from ._cpp import HAS_CPP
+    from .perm_attention import (
+        CONTEXT,
+        ORIGINAL,
+        PSEUDO,
+        permutation_attention,
+        permutation_attention_reference,
+        permutation_mask,
+    )
+    from .reward import value_weighted_topk_reward, value_weighted_topk_reward_reference
+    from .span_sampling import SpanSample, sample_spans, sample_spans_reference, span_action_log_prob
+
+    __all__ = [
+        "HAS_CPP",
+        "CONTEXT",
+        "ORIGINAL",
+        "PSEUDO",
+        "permutation_attention",
+        "permutation_attention_reference",
+        "permutation_mask",
+        "value_weighted_topk_reward",
+        "value_weighted_topk_reward_reference",
+        "SpanSample",
+        "sample_spans",
+        "sample_spans_reference",
+        "span_action_log_prob",
+    ]

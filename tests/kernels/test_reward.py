@@ -7,6 +7,9 @@ Low-precision inputs follow flash-attention's rule: the kernel's error against a
 """
 import importlib.util
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,6 +334,24 @@ def _tiny_bert(**overrides):
 
 def _hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_folder_imported_as_kernels_is_the_same_package():
+    """From the repository root this folder is also importable as plain ``kernels`` (transformers
+    imports any ``kernels`` it finds). A second copy would redefine the ops and free the first
+    registration under its callers; the import must hand out ``fastvl_kernels`` itself."""
+    script = (
+        "import gc, sys, torch, fastvl_kernels, kernels\n"
+        "assert kernels is fastvl_kernels, kernels\n"
+        "assert not [m for m in sys.modules if m.startswith('kernels.')]\n"
+        "gc.collect()\n"
+        "q = torch.randn(1, 2, 3, 4)\n"
+        "print(fastvl_kernels.value_weighted_topk_reward(q, q, q, topk=2).shape)\n"
+    )
+    repo_root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", script], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "torch.Size([1, 2, 3])"
 
 
 @needs_transformers
