@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_reward
 	$(BIN)/python -m bench.bench_span_sampling
 	$(BIN)/python -m bench.bench_perm_attention
+	$(BIN)/python -m bench.bench_data
 	$(BIN)/python -m bench.bench_train_step
 
 clean:

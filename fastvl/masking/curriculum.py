@@ -36,11 +36,14 @@ the policy drives itself from that recipe's masking call; see ``attach_host``.
 Schedule (``update_delay``): masks for batch t are sampled at the start of forward(t) by the agent
 with its parameters after all updates so far; after the optimizer step of batch t the agent learns
 from batch t's rollout (delay 0) or from batch t-1's (delay 1, default: the paper's parallel agent
-learns one batch behind; the rollout of batch t then waits, checkpointed, for step t+1). On CPU both
-run in order; nothing depends on timing.
+learns one batch behind; the rollout of batch t then waits, checkpointed, for step t+1). On CUDA the
+PPO update runs on a side stream, beside the main model's next steps up to the point where the agent is
+read again (the next ``select``, a checkpoint); on CPU everything runs in order. The streams only change
+when work runs, never what it computes.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -246,6 +249,11 @@ class Rollout:
     returns: Optional[torch.Tensor] = None
     step: int = 0
 
+    def tensors(self) -> list[torch.Tensor]:
+        fields = [self.image_feats, self.text_feats, self.text_padding, self.lengths, *self.sample,
+                  self.old_log_prob, self.returns]
+        return [t for t in fields if isinstance(t, torch.Tensor)]
+
 
 @dataclass
 class MaskChoice:
@@ -274,6 +282,7 @@ class CurriculumMasking(nn.Module):
         self.pending: list[Rollout] = []  # rollouts with returns, waiting for ``learn``
         self.last_metrics: dict[str, torch.Tensor] = {}
         self.last_random_return: Optional[torch.Tensor] = None
+        self.side_stream = None  # CUDA only: where ``learn`` runs; see ``join``
 
     # -- device / dtype: the agent follows the device of the recipe, never its dtype -------------
 
@@ -320,6 +329,7 @@ class CurriculumMasking(nn.Module):
         """Sample masks + order for a batch from the shared features (detached here). ``random=True``
         samples the same-quota random baseline (uniform starts, same span/order modes without learning)."""
         o = self.options
+        self.join()
         if o.learns:
             image_feats, text_feats = image_feats.detach().float(), text_feats.detach().float()
         padding = attention_mask.bool()
@@ -455,13 +465,41 @@ class CurriculumMasking(nn.Module):
     # -- learning -------------------------------------------------------------------------------
 
     def learn(self) -> dict[str, torch.Tensor]:
-        """PPO on the queued rollouts that are due (all but the newest ``update_delay``)."""
-        metrics = {}
+        """PPO on the queued rollouts that are due (all but the newest ``update_delay``). On CUDA this
+        is queued on the side stream and returns at once; ``join`` makes the main stream wait for it."""
+        due = []
         while len(self.pending) > self.options.update_delay:
-            metrics = self.ppo_update(self.pending.pop(0))
-        if metrics:
-            self.last_metrics = metrics
+            due.append(self.pending.pop(0))
+        if not due:
+            return {}
+        device = next(self.agent.parameters()).device
+        with self._beside_main(device, [t for ro in due for t in ro.tensors()]):
+            for rollout in due:
+                metrics = self.ppo_update(rollout)
+        self.last_metrics = metrics
         return metrics
+
+    @contextlib.contextmanager
+    def _beside_main(self, device: torch.device, inputs: list[torch.Tensor]):
+        """Run the block on the side stream after the main stream's work so far (CUDA), else inline.
+        ``inputs`` were made on the main stream and are freed after the block: marked as used by the
+        side stream so the caching allocator does not hand their memory out while it still reads them."""
+        if device.type != "cuda":
+            yield
+            return
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(device)
+        self.side_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.side_stream):
+            yield
+        for t in inputs:
+            if t.is_cuda:  # rollouts restored from a checkpoint are CPU tensors
+                t.record_stream(self.side_stream)
+
+    def join(self) -> None:
+        """Make the current CUDA stream wait for the agent's queued learning (no-op on CPU)."""
+        if self.side_stream is not None:
+            torch.cuda.current_stream(self.side_stream.device).wait_stream(self.side_stream)
 
     def ppo_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Whole-batch PPO (appendix E). With r = exp(log pi(a|s) - log pi_old(a|s)), A = G - V(s):
@@ -503,6 +541,7 @@ class CurriculumMasking(nn.Module):
     # -- checkpointing: agent, its optimizer, reward scale and the pending rollouts -------------
 
     def agent_state(self) -> dict:
+        self.join()
         cpu = lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
 
         def rollout_state(ro: Rollout) -> dict:

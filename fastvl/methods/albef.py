@@ -57,6 +57,16 @@ class Albef(Recipe):
         return itm_loss(self.fuse_cls, self.backbone.itm_logits, image_states, text_states, attention_mask,
                         sim_i2t, sim_t2i, u)
 
+    def alignment(self, batch: Batch, image_states, text_states) -> dict[str, torch.Tensor]:
+        """The ITC and ITM losses this recipe uses (ITM's hard negatives come from ITC's similarities)."""
+        if not (self.uses("itc") or self.uses("itm")):
+            return {}
+        itc, sim_i2t, sim_t2i = self.contrastive(image_states, text_states)
+        losses = {"itc": itc} if self.uses("itc") else {}
+        if self.uses("itm"):
+            losses["itm"] = self.matching(image_states, text_states, batch.attention_mask, sim_i2t, sim_t2i)
+        return losses
+
     def masked_lm(self, batch: Batch, image_states: torch.Tensor) -> torch.Tensor:
         masked = self.text_masking(batch, self.current_step)
         states = self.backbone.encode_text(masked.input_ids, batch.attention_mask)
@@ -68,13 +78,7 @@ class Albef(Recipe):
 
     def forward(self, batch: Batch) -> dict:
         image_states, text_states = self.encode(batch)
-        losses = {}
-        if self.uses("itc") or self.uses("itm"):
-            itc, sim_i2t, sim_t2i = self.contrastive(image_states, text_states)
-            if self.uses("itc"):
-                losses["itc"] = itc
-            if self.uses("itm"):
-                losses["itm"] = self.matching(image_states, text_states, batch.attention_mask, sim_i2t, sim_t2i)
+        losses = self.alignment(batch, image_states, text_states)
         if self.uses("mlm"):
             losses["mlm"] = self.masked_lm(batch, image_states)
         return self.total(losses, {"temperature": self.temperature})

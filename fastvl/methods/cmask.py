@@ -52,7 +52,9 @@ Choices where the paper is vague (all config values):
 - Schedule: masks of batch t are sampled at the start of forward(t) by the agent after the updates
   so far; PPO learns from batch t-1's rollout after step t (``update_delay=1``), or from batch t
   (``update_delay=0``). The waiting rollout (its masks, order, log-probs, returns and the agent's
-  inputs) is checkpointed with the agent and its optimizer (``get_extra_state`` of the policy).
+  inputs) is checkpointed with the agent and its optimizer (``get_extra_state`` of the policy). On CUDA
+  the PPO update is queued on a side stream after step t and runs beside step t+1's shared-layer
+  forward and ITC, until ``select`` needs the agent; on CPU it runs in order (same results).
 - Sampling seeds depend on (train.seed, step, rank): the masks are reproducible and resume exactly,
   but unlike the recipes' ``global_uniform`` draws they change with the number of processes.
 - Advantage = G - V(s) with V from the current agent (detached), no normalisation; value loss MSE

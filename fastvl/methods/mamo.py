@@ -204,14 +204,8 @@ class Mamo(Albef):
         image_states = bb.encode_image(batch.images) if aligning or text_view else None
         text_states = bb.encode_text(batch.input_ids, batch.attention_mask) if aligning or image_view else None
 
-        losses: dict[str, torch.Tensor] = {}
+        losses = self.alignment(batch, image_states, text_states)
         metrics: dict[str, torch.Tensor] = {"temperature": self.temperature.reshape(())}
-        if aligning:
-            itc, sim_i2t, sim_t2i = self.contrastive(image_states, text_states)
-            if self.uses("itc"):
-                losses["itc"] = itc
-            if self.uses("itm"):
-                losses["itm"] = self.matching(image_states, text_states, batch.attention_mask, sim_i2t, sim_t2i)
         if not (image_view or text_view):
             return self.total(losses, metrics)
 

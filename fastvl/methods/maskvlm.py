@@ -172,13 +172,7 @@ class MaskVLM(Albef):
         image_states = self.backbone.encode_image(batch.images) if aligning or self.uses("mlm") else None
         text_states = (self.backbone.encode_text(batch.input_ids, batch.attention_mask)
                        if aligning or self.uses("mim") else None)
-        losses = {}
-        if aligning:
-            itc, sim_i2t, sim_t2i = self.contrastive(image_states, text_states)
-            if self.uses("itc"):
-                losses["itc"] = itc
-            if self.uses("itm"):
-                losses["itm"] = self.matching(image_states, text_states, batch.attention_mask, sim_i2t, sim_t2i)
+        losses = self.alignment(batch, image_states, text_states)
         if self.uses("mlm"):
             losses["mlm"] = self.masked_lm(batch, image_states)
         if self.uses("mim"):

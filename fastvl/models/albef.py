@@ -21,14 +21,13 @@ every attention module; names are the modules' paths, e.g. ``text_encoder.encode
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Observer, ObservedAttention, name_attention_modules
+from .attention import ObservableModel, name_attention_modules
 from .bert import TextEncoder
 from .fusion import FusionEncoder
 from .heads import MlmHead, unit_projection
@@ -37,7 +36,7 @@ from .init import init_weights
 from .vit import VisionTransformer
 
 
-class AlbefModel(nn.Module):
+class AlbefModel(ObservableModel):
     """Backbone of every recipe. Submodules: ``vision_encoder``, ``text_encoder``, ``fusion_encoder``,
     ``vision_proj`` (Dv -> E), ``text_proj`` (Dt -> E), ``itm_head`` (Dt -> 2), ``mlm_head``.
 
@@ -107,23 +106,3 @@ class AlbefModel(nn.Module):
         decoder is the word-embedding matrix. Under ZeRO-3 pass each pair to
         ``deepspeed.zero.register_external_parameter`` so the parameter is gathered for that forward."""
         return [(self.mlm_head, self.text_encoder.embeddings.word_embeddings.weight)]
-
-    # -- observation ----------------------------------------------------------------------------
-
-    def attention_modules(self) -> Iterator[ObservedAttention]:
-        """Every attention module (vision self, text self, fusion self and cross), in module order."""
-        return (m for m in self.modules() if isinstance(m, ObservedAttention))
-
-    def set_observer(self, fn: Optional[Observer]) -> None:
-        """Install ``fn(name, q, k, v, key_padding_mask)`` on every attention module (None removes it)."""
-        for module in self.attention_modules():
-            module.observer = fn
-
-    @contextlib.contextmanager
-    def observing(self, fn: Observer):
-        """``with model.observing(fn): ...`` — ``set_observer(fn)`` for the block, then remove it."""
-        self.set_observer(fn)
-        try:
-            yield self
-        finally:
-            self.set_observer(None)

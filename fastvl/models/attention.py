@@ -52,10 +52,11 @@ test when unset.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -419,6 +420,30 @@ class ObservedAttention(nn.Module):
             self.observer(self.name, q, k, v, key_padding_mask)
         return attention(q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, kind=kind, step=step,
                          backend=self.backend, dropout_p=self.attn_dropout if self.training else 0.0)
+
+
+class ObservableModel(nn.Module):
+    """A model whose attention modules can be watched: ``set_observer`` / ``observing`` install
+    ``fn(name, q, k, v, key_padding_mask)`` on every ``ObservedAttention`` it contains (the C-Mask reward
+    meter reads the main model's attention this way)."""
+
+    def attention_modules(self) -> Iterator[ObservedAttention]:
+        """Every attention module (self and cross), in module order."""
+        return (m for m in self.modules() if isinstance(m, ObservedAttention))
+
+    def set_observer(self, fn: Optional[Observer]) -> None:
+        """Install ``fn`` on every attention module (None removes it)."""
+        for module in self.attention_modules():
+            module.observer = fn
+
+    @contextlib.contextmanager
+    def observing(self, fn: Observer):
+        """``with model.observing(fn): ...`` — ``set_observer(fn)`` for the block, then remove it."""
+        self.set_observer(fn)
+        try:
+            yield self
+        finally:
+            self.set_observer(None)
 
 
 def name_attention_modules(root: nn.Module, prefix: str = "") -> None:

@@ -24,15 +24,14 @@ q/k/v of each layer through the observer) and accepts the generalized-LM ``kind`
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import Observer, ObservedAttention, merge_heads, name_attention_modules, split_heads
+from .attention import ObservableModel, ObservedAttention, merge_heads, name_attention_modules, split_heads
 from .bert import BertEmbeddings
 from .heads import MlmHead, unit_projection
 from .init import INIT_STD, init_weights
@@ -95,7 +94,7 @@ class MultiwayBlock(nn.Module):
         return x + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
 
-class MultiwayModel(nn.Module):
+class MultiwayModel(ObservableModel):
     """The multiway transformer of width ``cfg.text_width`` (heads ``cfg.text_heads``, FFN
     ``cfg.text_intermediate``), ``layers`` blocks of which the top ``vl_layers`` have a VL expert.
 
@@ -204,20 +203,3 @@ class MultiwayModel(nn.Module):
 
     def zero3_external_parameters(self):
         return [(self.mlm_head, self.text_embeddings.word_embeddings.weight)]
-
-    # -- observation ----------------------------------------------------------------------------
-
-    def attention_modules(self) -> Iterator[ObservedAttention]:
-        return (m for m in self.modules() if isinstance(m, ObservedAttention))
-
-    def set_observer(self, fn: Optional[Observer]) -> None:
-        for module in self.attention_modules():
-            module.observer = fn
-
-    @contextlib.contextmanager
-    def observing(self, fn: Observer):
-        self.set_observer(fn)
-        try:
-            yield self
-        finally:
-            self.set_observer(None)

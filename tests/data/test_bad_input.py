@@ -208,7 +208,7 @@ def test_epoch_report_counts_each_epoch_and_survives_resume(tmp_path, decoder):
     reports = straight.pop_epoch_reports()
     assert len(reports) == 2 and straight.pop_epoch_reports() == []
     assert all("8 samples, skipped 2 (truncated_image 2)" in line for line in reports), reports
-    assert reports[0].startswith(f"data train rank 0/1 epoch 0 done") and "epoch 1 done" in reports[1]
+    assert reports[0].startswith("data train rank 0/1 epoch 0 done") and "epoch 1 done" in reports[1]
     assert straight.metrics()["data/skipped/truncated_image"] == 4
     assert all(len(b) == 2 for b in batches)
     first = build_loader(cfg, "train")

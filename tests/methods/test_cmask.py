@@ -12,12 +12,12 @@ import torch
 
 from fastvl.config import ConfigError, load_config
 from fastvl.data.batch import Batch
-from fastvl.data.synthetic import generate
 from fastvl.masking.curriculum import RewardMeter, episode_return
 from fastvl.methods import build_method
 from fastvl.models.attention import permutation_visible
 from fastvl.objectives.glm import build_glm_inputs
 from fastvl_kernels import CONTEXT, ORIGINAL, PSEUDO, sample_spans
+from tests.methods.conftest import quick_run, read_rows
 
 CONFIG = "configs/tiny_cmask.json"
 B, L = 4, 14
@@ -393,22 +393,8 @@ def test_scs_is_one_without_image_interaction_and_below_one_with_it():
 # -- end to end on the built-in data ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth_cmask")
-    generate(out, train=128, heldout=8, seed=0, image_size=64, shard_size=64, progress=False)
-    return out
-
-
 def run_config(synth, out_dir, *overrides):
-    return cmask_config(f"data.train={synth / 'train'}", f"data.eval={synth / 'heldout'}",
-                        f"train.output_dir={out_dir}", "data.batch_size=16", "data.num_workers=0",
-                        "train.warmup_steps=3", "train.log_every=1", "train.save_every=0",
-                        "train.resume=false", *overrides)
-
-
-def read_rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return cmask_config(*quick_run(synth, out_dir, *overrides))
 
 
 def test_losses_fall_on_builtin_data(synth, tmp_path):

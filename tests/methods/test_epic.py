@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from fastvl.config import ConfigError, load_config
 from fastvl.data.batch import Batch
-from fastvl.data.synthetic import generate
 from fastvl.masking.saliency import SaliencyTeacher, load_teacher, masked_count, masked_softmax, sample_positions
 from fastvl.masking.text import maskable_positions
 from fastvl.methods import build_method
@@ -20,6 +19,7 @@ from fastvl.models.generator import sample_from_logits
 from fastvl.objectives.token_consistency import (consistency_labels, token_consistency_loss,
                                                  token_consistency_metrics)
 from fastvl.train.checkpoint import load_recipe
+from tests.methods.conftest import quick_run, read_rows
 
 CONFIG = "configs/tiny_epic.json"
 B, L = 4, 12
@@ -497,22 +497,8 @@ def test_epic_mounts_on_mamo_with_a_mamo_teacher(tmp_path):
 # -- end to end on the built-in data ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth_epic")
-    generate(out, train=128, heldout=8, seed=0, image_size=64, shard_size=64, progress=False)
-    return out
-
-
 def run_config(synth, teacher, out_dir, *overrides):
-    return epic_config(teacher, f"data.train={synth / 'train'}", f"data.eval={synth / 'heldout'}",
-                       f"train.output_dir={out_dir}", "data.batch_size=16", "data.num_workers=0",
-                       "train.warmup_steps=3", "train.log_every=1", "train.save_every=0", "train.resume=false",
-                       *overrides)
-
-
-def read_rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return epic_config(teacher, *quick_run(synth, out_dir, *overrides))
 
 
 def test_losses_fall_on_builtin_data(synth, teacher_path, tmp_path):

@@ -10,11 +10,11 @@ from PIL import Image
 
 from fastvl.config import ConfigError, load_config
 from fastvl.data.batch import Batch
-from fastvl.data.synthetic import generate
 from fastvl.data.transforms import IMAGENET_MEAN
 from fastvl.masking.image import BlockImageMasking, blocks_to_patches, patches_to_pixels
 from fastvl.methods import build_method
 from fastvl.objectives.mim import normalize_patches, pixel_mim_loss
+from tests.methods.conftest import quick_run, read_rows
 
 CONFIG = "configs/tiny_maskvlm.json"
 B, L = 4, 12
@@ -356,22 +356,8 @@ def test_loss_switches(enabled):
 # -- end to end on the built-in data ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth_maskvlm")
-    generate(out, train=128, heldout=8, seed=0, image_size=64, shard_size=64, progress=False)
-    return out
-
-
 def run_config(synth, out_dir, *overrides):
-    return maskvlm_config(f"data.train={synth / 'train'}", f"data.eval={synth / 'heldout'}",
-                          f"train.output_dir={out_dir}", "data.batch_size=16", "data.num_workers=0",
-                          "train.warmup_steps=3", "train.log_every=1", "train.save_every=0",
-                          "train.resume=false", *overrides)
-
-
-def read_rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return maskvlm_config(*quick_run(synth, out_dir, *overrides))
 
 
 def test_losses_fall_on_builtin_data(synth, tmp_path):
