@@ -37,6 +37,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd8.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -51,22 +53,10 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define PERM_ATTN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define PERM_ATTN_MULTIVERSION
-#endif
-// Helpers passing 32-byte vectors must be inlined into the cloned caller (the calling convention of
-// a vector argument differs between the AVX and the baseline clone).
-#define PERM_ATTN_INLINE inline __attribute__((always_inline))
-
 namespace fastvl {
 namespace {
 
-typedef float Float8 __attribute__((vector_size(32)));
-typedef int32_t Int8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-constexpr float kInf = std::numeric_limits<float>::infinity();
+using namespace simd8;
 
 constexpr int64_t kContext = 0, kOriginal = 1, kPseudo = 2;
 constexpr int32_t kBig = 1 << 30;
@@ -76,50 +66,6 @@ constexpr int32_t kContextThr = -kBig, kPaddedThr = -kBig - 1;
 constexpr int32_t kNoKeyPid = -kBig - 2, kNoQueryPid = -kBig - 3;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-PERM_ATTN_INLINE Float8 load8(const float* p) {
-  Float8 x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-PERM_ATTN_INLINE Int8 load8i(const int32_t* p) {
-  Int8 x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-PERM_ATTN_INLINE void store8(float* p, Float8 x) { std::memcpy(p, &x, sizeof(x)); }
-PERM_ATTN_INLINE Float8 splat8(float x) { return Float8{} + x; }
-PERM_ATTN_INLINE Int8 splat8i(int32_t x) { return Int8{} + x; }
-PERM_ATTN_INLINE Float8 max8(Float8 a, Float8 b) { return b < a ? a : b; }
-PERM_ATTN_INLINE Float8 min8(Float8 a, Float8 b) { return a < b ? a : b; }
-PERM_ATTN_INLINE float hmax8(Float8 x) {
-  float m = x[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, x[i]);
-  return m;
-}
-PERM_ATTN_INLINE float hsum8(Float8 x) {
-  return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
-}
-
-// exp(x) lane-wise for x <= ~88: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-6
-// polynomial for e^r (~2 ulp), 2^n assembled in the exponent bits. x < -87.3 (and -inf, the masked
-// scores) gives exactly 0, so masked keys contribute nothing at all rather than 1e-38.
-PERM_ATTN_INLINE Float8 exp8(Float8 x) {
-  const Float8 clamped = min8(max8(x, splat8(-87.3f)), splat8(88.0f));
-  const Float8 n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const Float8 r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  Float8 p = splat8(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Float8 er = p * r * r + r + 1.0f;
-  const Int8 bits = (__builtin_convertvector(n, Int8) + 127) << 23;
-  Float8 two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < -87.3f ? Float8{} : er * two_n;
-}
 
 // Row-major C[M, N] = alpha * op(A)[M, K] op(B)[K, N] + beta * C. A row-major matrix is the
 // column-major transpose, so this is the column-major product C^T = op(B)^T op(A)^T.
@@ -258,7 +204,7 @@ std::vector<BlockSummary> summarize(const EncodedRule& enc, int64_t B, int64_t b
 // Forward, one tile of scaled scores (rows x cols_pad, row stride ld; cols_pad a multiple of 8, columns
 // past the sequence are hidden by the key codes): mask in place, fold the tile into the running
 // max / sum of each row, rescale the running output rows, and leave P = exp(s - m_new) in `scores`.
-PERM_ATTN_MULTIVERSION
+FASTVL_MULTIVERSION
 void forward_softmax_tile(float* __restrict scores, int64_t ld, int64_t rows, int64_t cols_pad, bool apply_mask,
                           const int32_t* __restrict key_req, const int32_t* __restrict key_pid,
                           const int32_t* __restrict query_thr, const int32_t* __restrict query_pid,
@@ -301,7 +247,7 @@ void forward_softmax_tile(float* __restrict scores, int64_t ld, int64_t rows, in
 }
 
 // Backward: P = exp(s - lse) from the scaled scores, with the mask applied (masked: 0), in place.
-PERM_ATTN_MULTIVERSION
+FASTVL_MULTIVERSION
 void backward_probs_tile(float* __restrict scores, int64_t ld, int64_t rows, int64_t cols_pad, bool apply_mask,
                          const int32_t* __restrict key_req, const int32_t* __restrict key_pid,
                          const int32_t* __restrict query_thr, const int32_t* __restrict query_pid,
@@ -322,7 +268,7 @@ void backward_probs_tile(float* __restrict scores, int64_t ld, int64_t rows, int
 }
 
 // Backward: dS = scale * P * (dP - D_row), in place in dP.
-PERM_ATTN_MULTIVERSION
+FASTVL_MULTIVERSION
 void backward_dscores_tile(const float* __restrict probs, float* __restrict dprobs, int64_t ld, int64_t rows,
                            int64_t cols_pad, float scale, const float* __restrict delta) {
   for (int64_t r = 0; r < rows; ++r) {

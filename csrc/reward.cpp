@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd8.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,68 +30,17 @@
 #include <functional>
 #include <limits>
 
-// The extension is built for a conservative baseline ISA (x86-64-v2: no AVX/FMA). The two hot
-// functions are cloned for x86-64-v3 (AVX2 + FMA) and picked at load time, so one binary is fast on
-// current CPUs and still runs on old ones.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define FASTVL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define FASTVL_MULTIVERSION
-#endif
-// Helpers that take or return Float8 must be inlined into the (cloned) caller: a 32-byte vector is
-// passed in a register under AVX but in memory without it, so an out-of-line call between the
-// clones would disagree on the calling convention.
-#define FASTVL_VECTOR_INLINE inline __attribute__((always_inline))
-
 namespace fastvl {
 namespace {
 
-// Eight lanes as one value (GCC/Clang vector extensions): one AVX register in the x86-64-v3 clone,
-// two SSE registers in the baseline one. Lane r of a Float8 is query row r of an 8-row group.
-typedef float Float8 __attribute__((vector_size(32)));
-typedef int32_t Int8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
+using namespace simd8;
 
 constexpr int64_t kKeyTile = 12;      // keys per micro-kernel tile (12 accumulators + 2 temporaries)
 constexpr int64_t kMaxItemRows = 64;  // query rows per work item
 constexpr int64_t kMaxLaneTopk = 32;  // widest branch-free running top-k; larger k sorts per row
-constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-FASTVL_VECTOR_INLINE Float8 load8(const float* p) {
-  Float8 x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-FASTVL_VECTOR_INLINE void store8(float* p, Float8 x) { std::memcpy(p, &x, sizeof(x)); }
-FASTVL_VECTOR_INLINE Float8 splat8(float x) { return Float8{} + x; }
-// Written as `a < b ? a : b` so they compile to single min/max instructions.
-FASTVL_VECTOR_INLINE Float8 min8(Float8 a, Float8 b) { return a < b ? a : b; }
-FASTVL_VECTOR_INLINE Float8 max8(Float8 a, Float8 b) { return b < a ? a : b; }
-
-// exp(x) for x <= 0, lane-wise: Cody-Waite reduction x = n ln2 + r with |r| <= ln2/2, a degree-6
-// polynomial for e^r (relative error ~2 ulp), 2^n built in the exponent bits. Inputs below -87.3
-// (including -inf from a zero value vector) give exactly 0: they only drop terms smaller than 1e-38
-// relative to the row's largest term, which is 1.
-FASTVL_VECTOR_INLINE Float8 exp_nonpositive8(Float8 x) {
-  const Float8 clamped = max8(x, splat8(-87.3f));
-  // Round to nearest by adding and subtracting 1.5 * 2^23 (exact for |t| < 2^22).
-  const Float8 n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const Float8 r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  Float8 p = splat8(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Float8 er = p * r * r + r + 1.0f;
-  const Int8 bits = (__builtin_convertvector(n, Int8) + 127) << 23;  // 2^n, n in [-126, 0]
-  Float8 two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return x < -87.3f ? Float8{} : er * two_n;
-}
 
 // scores_t[i, r] = sum_d keys[i, d] * q_t[d, r] for i < n_keys_padded (a multiple of kKeyTile; padded
 // keys are zero) and r < n_rows_padded (a multiple of 8; padded rows are zero). Twelve accumulators
@@ -139,11 +90,11 @@ FASTVL_VECTOR_INLINE void group_rewards(float* __restrict scores_t, int64_t stri
   // A lane whose every u is -inf (all value vectors zero) shifts by 0 and is zeroed below.
   const Float8 shift = row_max == -kInf ? Float8{} : row_max;
   Float8 total = {};
-  for (int64_t i = 0; i < n_keys; ++i) total += exp_nonpositive8(load8(scores_t + i * stride) - shift);
+  for (int64_t i = 0; i < n_keys; ++i) total += exp8(load8(scores_t + i * stride) - shift);
   Float8 top = total;
   if (K > 0) {
     top = Float8{};
-    for (int64_t j = 0; j < k; ++j) top += exp_nonpositive8(best[j] - shift);
+    for (int64_t j = 0; j < k; ++j) top += exp8(best[j] - shift);
   }
   const Float8 reward = (top / static_cast<float>(k)) / (total / static_cast<float>(n_keys));
   store8(out, row_max == -kInf ? Float8{} : reward);
