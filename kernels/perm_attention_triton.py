@@ -50,6 +50,43 @@ def _dot(a, b, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, offs, offs_d, stride_l, stride_d, rows_in, d_in):
+    """[rows, BLOCK_D] of a [L, D] matrix at ``base``; rows or columns out of range read 0."""
+    return tl.load(base + offs[:, None] * stride_l + offs_d[None, :] * stride_d,
+                   mask=rows_in[:, None] & d_in[None, :], other=0.0)
+
+
+@triton.jit
+def _query_codes(QueryThr_ptr, QueryPid_ptr, offs_m, rows_in,
+                 PADDED_THR: tl.constexpr, NO_QUERY_PID: tl.constexpr, BIG: tl.constexpr):
+    """A query block's codes and its summary from them: the largest threshold, the pseudo-id range."""
+    thr = tl.load(QueryThr_ptr + offs_m, mask=rows_in, other=PADDED_THR)
+    qpid = tl.load(QueryPid_ptr + offs_m, mask=rows_in, other=NO_QUERY_PID)
+    return thr, qpid, tl.max(thr, axis=0), tl.min(tl.where(qpid != NO_QUERY_PID, qpid, BIG), axis=0), tl.max(qpid, axis=0)
+
+
+@triton.jit
+def _key_codes(KeyReq_ptr, KeyPid_ptr, offs_n, cols_in, HIDDEN_REQ: tl.constexpr, NO_KEY_PID: tl.constexpr):
+    return (tl.load(KeyReq_ptr + offs_n, mask=cols_in, other=HIDDEN_REQ),
+            tl.load(KeyPid_ptr + offs_n, mask=cols_in, other=NO_KEY_PID))
+
+
+@triton.jit
+def _key_block_live(KLo_ptr, KPidLo_ptr, KPidHi_ptr, index, q_hi, q_pid_lo, q_pid_hi):
+    """``_tile_live`` for key block ``index`` of the precomputed key-block summaries."""
+    return _tile_live(tl.load(KLo_ptr + index), tl.load(KPidLo_ptr + index), tl.load(KPidHi_ptr + index),
+                      q_hi, q_pid_lo, q_pid_hi)
+
+
+@triton.jit
+def _recomputed_probs(q, keys, lse, req, kpid, thr, qpid, qk_scale_log2, IEEE_DOT: tl.constexpr):
+    """The backward's P = exp(scale q.k - lse) of a tile, 0 where the rule hides the key."""
+    s = _dot(q, tl.trans(keys), IEEE_DOT) * qk_scale_log2
+    p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+    return tl.where(_visible(req, kpid, thr, qpid), p, 0.0)
+
+
+@triton.jit
 def _perm_attn_fwd_kernel(
     Q_ptr, K_ptr, V_ptr, Out_ptr, Lse_ptr,
     KeyReq_ptr, KeyPid_ptr, QueryThr_ptr, QueryPid_ptr,
@@ -74,37 +111,23 @@ def _perm_attn_fwd_kernel(
     d_in = offs_d < head_dim
 
     code_row = b * seq_len
-    thr = tl.load(QueryThr_ptr + code_row + offs_m, mask=row_in, other=PADDED_THR)
-    qpid = tl.load(QueryPid_ptr + code_row + offs_m, mask=row_in, other=NO_QUERY_PID)
-    # This block's summary, from its own codes: the largest threshold and the pseudo-id range.
-    q_hi = tl.max(thr, axis=0)
-    q_pid_lo = tl.min(tl.where(qpid != NO_QUERY_PID, qpid, BIG), axis=0)
-    q_pid_hi = tl.max(qpid, axis=0)
-
-    q = tl.load(
-        Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-        mask=row_in[:, None] & d_in[None, :], other=0.0,
-    )
+    thr, qpid, q_hi, q_pid_lo, q_pid_hi = _query_codes(QueryThr_ptr + code_row, QueryPid_ptr + code_row, offs_m,
+                                                       row_in, PADDED_THR, NO_QUERY_PID, BIG)
+    q = _load_rows(Q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd, row_in, d_in)
     k_base = K_ptr + b * stride_kb + h * stride_kh
     v_base = V_ptr + b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    summary_row = b * n_key_blocks
     for kb in range(0, n_key_blocks):
-        k_lo = tl.load(KLo_ptr + summary_row + kb)
-        k_pid_lo = tl.load(KPidLo_ptr + summary_row + kb)
-        k_pid_hi = tl.load(KPidHi_ptr + summary_row + kb)
-        if _tile_live(k_lo, k_pid_lo, k_pid_hi, q_hi, q_pid_lo, q_pid_hi):
+        if _key_block_live(KLo_ptr, KPidLo_ptr, KPidHi_ptr, b * n_key_blocks + kb, q_hi, q_pid_lo, q_pid_hi):
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             col_in = offs_n < seq_len
-            keys = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                           mask=col_in[:, None] & d_in[None, :], other=0.0)
-            values = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                             mask=col_in[:, None] & d_in[None, :], other=0.0)
-            req = tl.load(KeyReq_ptr + code_row + offs_n, mask=col_in, other=HIDDEN_REQ)
-            kpid = tl.load(KeyPid_ptr + code_row + offs_n, mask=col_in, other=NO_KEY_PID)
+            keys = _load_rows(k_base, offs_n, offs_d, stride_kl, stride_kd, col_in, d_in)
+            values = _load_rows(v_base, offs_n, offs_d, stride_vl, stride_vd, col_in, d_in)
+            req, kpid = _key_codes(KeyReq_ptr + code_row, KeyPid_ptr + code_row, offs_n, col_in, HIDDEN_REQ,
+                                   NO_KEY_PID)
             s = _dot(q, tl.trans(keys), IEEE_DOT) * qk_scale_log2
             s = tl.where(_visible(req, kpid, thr, qpid), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -150,16 +173,13 @@ def _perm_attn_bwd_dkdv_kernel(
     d_in = offs_d < head_dim
 
     code_row = b * seq_len
-    req = tl.load(KeyReq_ptr + code_row + offs_n, mask=col_in, other=HIDDEN_REQ)
-    kpid = tl.load(KeyPid_ptr + code_row + offs_n, mask=col_in, other=NO_KEY_PID)
+    req, kpid = _key_codes(KeyReq_ptr + code_row, KeyPid_ptr + code_row, offs_n, col_in, HIDDEN_REQ, NO_KEY_PID)
     k_lo = tl.min(req, axis=0)
     k_pid_lo = tl.min(tl.where(kpid != NO_KEY_PID, kpid, BIG), axis=0)
     k_pid_hi = tl.max(kpid, axis=0)
 
-    keys = tl.load(K_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                   mask=col_in[:, None] & d_in[None, :], other=0.0)
-    values = tl.load(V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                     mask=col_in[:, None] & d_in[None, :], other=0.0)
+    keys = _load_rows(K_ptr + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kl, stride_kd, col_in, d_in)
+    values = _load_rows(V_ptr + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vl, stride_vd, col_in, d_in)
     q_base = Q_ptr + b * stride_qb + h * stride_qh
     g_base = DOut_ptr + b * stride_gb + h * stride_gh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -172,17 +192,13 @@ def _perm_attn_bwd_dkdv_kernel(
         if _tile_live(k_lo, k_pid_lo, k_pid_hi, q_hi, q_pid_lo, q_pid_hi):
             offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
             row_in = offs_m < seq_len
-            q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                        mask=row_in[:, None] & d_in[None, :], other=0.0)
-            dout = tl.load(g_base + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
-                           mask=row_in[:, None] & d_in[None, :], other=0.0)
-            thr = tl.load(QueryThr_ptr + code_row + offs_m, mask=row_in, other=PADDED_THR)
-            qpid = tl.load(QueryPid_ptr + code_row + offs_m, mask=row_in, other=NO_QUERY_PID)
+            q = _load_rows(q_base, offs_m, offs_d, stride_ql, stride_qd, row_in, d_in)
+            dout = _load_rows(g_base, offs_m, offs_d, stride_gl, stride_gd, row_in, d_in)
+            thr, qpid, _, _, _ = _query_codes(QueryThr_ptr + code_row, QueryPid_ptr + code_row, offs_m, row_in,
+                                              PADDED_THR, NO_QUERY_PID, BIG)
             lse = tl.load(Lse_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
             delta = tl.load(Delta_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
-            s = _dot(q, tl.trans(keys), IEEE_DOT) * qk_scale_log2
-            p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
-            p = tl.where(_visible(req, kpid, thr, qpid), p, 0.0)
+            p = _recomputed_probs(q, keys, lse, req, kpid, thr, qpid, qk_scale_log2, IEEE_DOT)
             dv += _dot(tl.trans(p.to(dout.dtype)), dout, IEEE_DOT)
             dp = _dot(dout, tl.trans(values), IEEE_DOT)
             ds = p * (dp - delta[:, None])
@@ -218,38 +234,24 @@ def _perm_attn_bwd_dq_kernel(
     d_in = offs_d < head_dim
 
     code_row = b * seq_len
-    thr = tl.load(QueryThr_ptr + code_row + offs_m, mask=row_in, other=PADDED_THR)
-    qpid = tl.load(QueryPid_ptr + code_row + offs_m, mask=row_in, other=NO_QUERY_PID)
-    q_hi = tl.max(thr, axis=0)
-    q_pid_lo = tl.min(tl.where(qpid != NO_QUERY_PID, qpid, BIG), axis=0)
-    q_pid_hi = tl.max(qpid, axis=0)
-
-    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=row_in[:, None] & d_in[None, :], other=0.0)
-    dout = tl.load(DOut_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
-                   mask=row_in[:, None] & d_in[None, :], other=0.0)
+    thr, qpid, q_hi, q_pid_lo, q_pid_hi = _query_codes(QueryThr_ptr + code_row, QueryPid_ptr + code_row, offs_m,
+                                                       row_in, PADDED_THR, NO_QUERY_PID, BIG)
+    q = _load_rows(Q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd, row_in, d_in)
+    dout = _load_rows(DOut_ptr + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd, row_in, d_in)
     lse = tl.load(Lse_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
     delta = tl.load(Delta_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
     k_base = K_ptr + b * stride_kb + h * stride_kh
     v_base = V_ptr + b * stride_vb + h * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    summary_row = b * n_key_blocks
     for kb in range(0, n_key_blocks):
-        k_lo = tl.load(KLo_ptr + summary_row + kb)
-        k_pid_lo = tl.load(KPidLo_ptr + summary_row + kb)
-        k_pid_hi = tl.load(KPidHi_ptr + summary_row + kb)
-        if _tile_live(k_lo, k_pid_lo, k_pid_hi, q_hi, q_pid_lo, q_pid_hi):
+        if _key_block_live(KLo_ptr, KPidLo_ptr, KPidHi_ptr, b * n_key_blocks + kb, q_hi, q_pid_lo, q_pid_hi):
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             col_in = offs_n < seq_len
-            keys = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                           mask=col_in[:, None] & d_in[None, :], other=0.0)
-            values = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                             mask=col_in[:, None] & d_in[None, :], other=0.0)
-            req = tl.load(KeyReq_ptr + code_row + offs_n, mask=col_in, other=HIDDEN_REQ)
-            kpid = tl.load(KeyPid_ptr + code_row + offs_n, mask=col_in, other=NO_KEY_PID)
-            s = _dot(q, tl.trans(keys), IEEE_DOT) * qk_scale_log2
-            p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
-            p = tl.where(_visible(req, kpid, thr, qpid), p, 0.0)
+            keys = _load_rows(k_base, offs_n, offs_d, stride_kl, stride_kd, col_in, d_in)
+            values = _load_rows(v_base, offs_n, offs_d, stride_vl, stride_vd, col_in, d_in)
+            req, kpid = _key_codes(KeyReq_ptr + code_row, KeyPid_ptr + code_row, offs_n, col_in, HIDDEN_REQ,
+                                   NO_KEY_PID)
+            p = _recomputed_probs(q, keys, lse, req, kpid, thr, qpid, qk_scale_log2, IEEE_DOT)
             dp = _dot(dout, tl.trans(values), IEEE_DOT)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(keys.dtype), keys, IEEE_DOT)
