@@ -2,6 +2,10 @@
 import json
 
 import pytest
+import torch
+
+from fastvl.config import load_config
+from fastvl.methods import build_method
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +29,14 @@ def quick_run(synth, out_dir, *overrides: str) -> list[str]:
 def read_rows(path) -> list[dict]:
     """The rows of a metrics.jsonl."""
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def recipe_config(config: str, *overrides: str, **options):
+    """``config`` with ``--set``-style overrides and ``method.options`` given as keywords (JSON values)."""
+    return load_config(config, [*overrides, *(f"method.options.{k}={json.dumps(v)}" for k, v in options.items())])
+
+
+def build_recipe(config: str, *overrides: str, seed: int = 0, **options):
+    """The recipe of ``recipe_config(...)``, initialised from ``seed``, in eval mode."""
+    torch.manual_seed(seed)
+    return build_method(recipe_config(config, *overrides, **options)).eval()

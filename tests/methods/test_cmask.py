@@ -17,7 +17,7 @@ from fastvl.methods import build_method
 from fastvl.models.attention import permutation_visible
 from fastvl.objectives.glm import build_glm_inputs
 from fastvl_kernels import CONTEXT, ORIGINAL, PSEUDO, sample_spans
-from tests.methods.conftest import quick_run, read_rows
+from tests.methods.conftest import build_recipe, quick_run, read_rows, recipe_config
 
 CONFIG = "configs/tiny_cmask.json"
 B, L = 4, 14
@@ -25,13 +25,11 @@ MASK_ID, CLS_ID, SEP_ID = 103, 101, 102
 
 
 def cmask_config(*overrides, **options):
-    extra = [f"method.options.{k}={json.dumps(v)}" for k, v in options.items()]
-    return load_config(CONFIG, [*overrides, *extra])
+    return recipe_config(CONFIG, *overrides, **options)
 
 
 def build(*overrides, seed=0, **options):
-    torch.manual_seed(seed)
-    return build_method(cmask_config(*overrides, **options)).eval()
+    return build_recipe(CONFIG, *overrides, seed=seed, **options)
 
 
 def make_batch(seed=0, b=B, size=64, length=L):

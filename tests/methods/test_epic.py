@@ -19,7 +19,7 @@ from fastvl.models.generator import sample_from_logits
 from fastvl.objectives.token_consistency import (consistency_labels, token_consistency_loss,
                                                  token_consistency_metrics)
 from fastvl.train.checkpoint import load_recipe
-from tests.methods.conftest import quick_run, read_rows
+from tests.methods.conftest import build_recipe, quick_run, read_rows, recipe_config
 
 CONFIG = "configs/tiny_epic.json"
 B, L = 4, 12
@@ -40,13 +40,11 @@ def teacher_path(tmp_path_factory):
 
 
 def epic_config(teacher, *overrides, **options):
-    extra = [f"method.options.{k}={json.dumps(v)}" for k, v in options.items()]
-    return load_config(CONFIG, [f"method.options.teacher={teacher}", *overrides, *extra])
+    return recipe_config(CONFIG, f"method.options.teacher={teacher}", *overrides, **options)
 
 
 def build(teacher, *overrides, seed=0, **options):
-    torch.manual_seed(seed)
-    return build_method(epic_config(teacher, *overrides, **options)).eval()
+    return build_recipe(CONFIG, f"method.options.teacher={teacher}", *overrides, seed=seed, **options)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvl.config import ConfigError, load_config
+from fastvl.config import ConfigError
 from fastvl.data.batch import Batch
 from fastvl.data.transforms import IMAGENET_MEAN
 from fastvl.masking.image import BlockImageMasking, blocks_to_patches, patches_to_pixels
 from fastvl.methods import build_method
 from fastvl.objectives.mim import normalize_patches, pixel_mim_loss
-from tests.methods.conftest import quick_run, read_rows
+from tests.methods.conftest import build_recipe, quick_run, read_rows, recipe_config
 
 CONFIG = "configs/tiny_maskvlm.json"
 B, L = 4, 12
@@ -22,13 +22,11 @@ MASK_ID, CLS_ID, SEP_ID = 103, 101, 102
 
 
 def maskvlm_config(*overrides, **options):
-    extra = [f"method.options.{k}={json.dumps(v)}" for k, v in options.items()]
-    return load_config(CONFIG, [*overrides, *extra])
+    return recipe_config(CONFIG, *overrides, **options)
 
 
 def build(*overrides, seed=0, **options):
-    torch.manual_seed(seed)
-    return build_method(maskvlm_config(*overrides, **options)).eval()
+    return build_recipe(CONFIG, *overrides, seed=seed, **options)
 
 
 @pytest.fixture(scope="module")
