@@ -101,8 +101,8 @@ def _perm_attn_fwd_kernel(
     BIG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)  # batch * heads on axis 0: CUDA caps axes 1 and 2 at 65535
+    pid_m = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,8 +163,8 @@ def _perm_attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     """dk, dv of one key block (dk/dv written as [B, H, L, D] contiguous, dtype of the inputs)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -224,8 +224,8 @@ def _perm_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
 ):
     """dq of one query block (written as [B, H, L, D] contiguous, dtype of the inputs)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(0).to(tl.int64)  # batch * heads on axis 0: CUDA caps axes 1 and 2 at 65535
+    pid_m = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -286,7 +286,7 @@ def perm_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, rule, scale: floa
         return out, lse.zero_()
     k_lo, _, k_pid_lo, k_pid_hi = rule.block_summaries(block_n, keys=True)
     n_key_blocks = k_lo.shape[1]
-    grid = (triton.cdiv(seq_len, block_m), batch * heads)
+    grid = (batch * heads, triton.cdiv(seq_len, block_m))
     _perm_attn_fwd_kernel[grid](
         q, k, v, out, lse,
         rule.key_req, rule.key_pid, rule.query_thr, rule.query_pid,
@@ -317,12 +317,12 @@ def perm_attention_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                   IEEE_DOT=q.dtype == torch.float32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     codes = (rule.key_req, rule.key_pid, rule.query_thr, rule.query_pid)
-    _perm_attn_bwd_dkdv_kernel[(triton.cdiv(seq_len, block_n), batch * heads)](
+    _perm_attn_bwd_dkdv_kernel[(batch * heads, triton.cdiv(seq_len, block_n))](
         q, k, v, grad_out, lse, delta, dk, dv, *codes,
         q_sum[1], q_sum[2], q_sum[3],
         heads, seq_len, head_dim, q_sum[0].shape[1], *strides, scale, scale * LOG2E, **common,
     )
-    _perm_attn_bwd_dq_kernel[(triton.cdiv(seq_len, block_m), batch * heads)](
+    _perm_attn_bwd_dq_kernel[(batch * heads, triton.cdiv(seq_len, block_m))](
         q, k, v, grad_out, lse, delta, dq, *codes,
         k_sum[0], k_sum[2], k_sum[3],
         heads, seq_len, head_dim, k_sum[0].shape[1], *strides, scale, scale * LOG2E, **common,

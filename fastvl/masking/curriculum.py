@@ -476,7 +476,7 @@ class CurriculumMasking(nn.Module):
         with self._beside_main(device, [t for ro in due for t in ro.tensors()]):
             for rollout in due:
                 metrics = self.ppo_update(rollout)
-        self.last_metrics = metrics
+        self.last_metrics = {**self.last_metrics, **metrics}  # keeps e.g. the hosted mode's "reward"
         return metrics
 
     @contextlib.contextmanager
@@ -559,6 +559,7 @@ class CurriculumMasking(nn.Module):
                 "last_random_return": cpu(self.last_random_return)}
 
     def load_agent_state(self, state: dict) -> None:
+        self.join()
         device = next(self.agent.parameters()).device
         self.agent.load_state_dict(state["agent"])
         self.agent_optimizer.load_state_dict(state["optimizer"])
@@ -594,10 +595,16 @@ def _average_gradients(module: nn.Module) -> None:
     _, world = rank_and_world()
     if world == 1:
         return
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per parameter
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def build_curriculum(cfg: RunConfig, recipe, options: Optional[CurriculumOptions] = None) -> CurriculumMasking:

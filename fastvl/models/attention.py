@@ -293,13 +293,21 @@ def _xformers(q, k, v, mask, dropout_p, scale):
     bias = None
     if mask is not None:
         # xformers wants an additive bias whose rows start on 16-byte-aligned offsets: allocate a
-        # padded last dim and slice it
+        # padded last dim and slice it. One copy per head of the mask only, broadcast over the rest.
+        mask_heads = mask.shape[1] if mask.dim() == 4 else 1
         padded = (lk + 7) // 8 * 8
-        storage = torch.zeros(b, h, lq, padded, device=q.device, dtype=q.dtype)
+        storage = torch.zeros(b, mask_heads, lq, padded, device=q.device, dtype=q.dtype)
         bias = storage[..., :lk]
-        bias.masked_fill_(~mask.expand(b, h, lq, lk), float("-inf"))
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          attn_bias=bias, p=dropout_p, scale=scale)
+        bias.masked_fill_(~mask.expand(b, mask_heads, lq, lk), float("-inf"))
+        bias = bias.expand(b, h, lq, lk)
+    try:
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_bias=bias, p=dropout_p, scale=scale)
+    except NotImplementedError as error:  # e.g. a tensor bias on GPUs newer than cutlass's kernels cover
+        raise AttentionBackendError(
+            f"attention backend 'xformers' has no kernel for this call on this GPU ({q.dtype}, "
+            f"{'with' if bias is not None else 'without'} a padding bias): {str(error).splitlines()[0]}; "
+            f"use 'sdpa'") from error
     return out.transpose(1, 2)
 
 

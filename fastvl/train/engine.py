@@ -159,7 +159,7 @@ def build_optimizer(cfg: RunConfig, groups: list[dict], device: torch.device) ->
             from apex.optimizers import FusedAdam as ApexFusedAdam  # NVIDIA apex, never the PyPI "apex"
 
             return ApexFusedAdam(groups, adam_w_mode=True, **kwargs), "apex_fused_adam"
-        except ImportError:
+        except Exception:  # not installed, or installed without its CUDA extensions (raises at construction)
             pass
         try:
             from deepspeed.ops.adam import FusedAdam

@@ -246,10 +246,18 @@ def _log_row(window: MetricWindow, step: int, epoch: int, samples_seen: int, lr:
     memory, kind = peak_memory()
     row = {"step": step, "epoch": epoch, "samples_seen": samples_seen, "lr": lr, **window.reduce(),
            **window.throughput(), "peak_mem_mb": memory, "peak_mem_kind": kind}
-    scale = getattr(engine.ds.optimizer, "cur_scale", None) if engine.precision == "fp16" else None
+    scale = current_loss_scale(engine.ds.optimizer) if engine.precision == "fp16" else None
     if scale is not None:
         row["loss_scale"] = float(scale)
     return row
+
+
+def current_loss_scale(optimizer) -> Optional[float]:
+    """The dynamic loss scale of a DeepSpeed fp16 optimizer: the stage-0 wrappers keep it in
+    ``loss_scale_config.cur_scale``, the ZeRO optimizers in ``cur_scale``; None for any other."""
+    config = getattr(optimizer, "loss_scale_config", None)
+    scale = getattr(config, "cur_scale", None) if config is not None else getattr(optimizer, "cur_scale", None)
+    return None if scale is None else float(scale)
 
 
 def _save(engine: Engine, cfg: RunConfig, step: int, samples_seen: int, stream: DataStream) -> Path:

@@ -28,6 +28,23 @@ def _loss(image_raw, text_raw, token_raw, rows):
     return itc + mlm, u
 
 
+def _spawn(worker, n_results):
+    """Run ``worker(rank, port, queue)`` in 2 gloo processes; the ``n_results`` items they queue."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in range(n_results)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
 def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -51,21 +68,33 @@ def test_two_ranks_equal_one_process():
     loss, u_all = _loss(image, text, tokens, slice(0, 8))
     loss.backward()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in range(3)]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = _spawn(_worker, 3)
     grads = [torch.from_numpy(a) for a in next(r for r in results if len(r) == 4)]
     draws = {rank: torch.from_numpy(u) for rank, u in (r for r in results if len(r) == 2)}
     assert torch.allclose(grads[0], loss.detach(), atol=1e-6)
     for got, want in zip(grads[1:], (image.grad, text.grad, tokens.grad)):
         assert torch.allclose(got, want, atol=1e-6)
     assert torch.equal(torch.cat([draws[0], draws[1]]), u_all)
+
+
+def _agent_grads_worker(rank, port, out):
+    from fastvl.masking.curriculum import _average_gradients
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    for i, p in enumerate(module.parameters()):
+        p.grad = None if i == 1 else torch.full_like(p, float(rank + 1) * (i + 1))
+    _average_gradients(module)
+    out.put((rank, [None if p.grad is None else p.grad.numpy() for p in module.parameters()]))
+    dist.destroy_process_group()
+
+
+def test_agent_gradients_are_averaged_over_ranks():
+    """The PPO agent's whole-batch update: one flattened all-reduce gives every rank the mean gradient
+    of every parameter, leaves parameters without a gradient alone and keeps the shapes."""
+    shapes = [(2, 3), None, (1, 2), (1,)]  # Linear(3, 2).weight, .bias (no grad), Linear(2, 1).weight, .bias
+    for _, grads in _spawn(_agent_grads_worker, 2):
+        assert grads[1] is None
+        for i in (0, 2, 3):
+            assert grads[i].shape == shapes[i] and (grads[i] == 1.5 * (i + 1)).all(), (i, grads[i])

@@ -10,7 +10,7 @@ import torch
 
 from fastvl.config import config_from_dict, load_config
 from fastvl.train.checkpoint import list_checkpoints, load_recipe
-from fastvl.train.loop import train
+from fastvl.train.loop import current_loss_scale, train
 from fastvl.train.metrics import read_metrics
 
 from .conftest import StandInLoader, StandInRecipe, stand_in_config, tiny_overrides
@@ -150,3 +150,12 @@ def test_albef_bf16_on_cpu(synth_data, tmp_path):
     recipe, _, step = load_recipe(str(tmp_path / "step_3"))
     assert step == 3
     _assert_same_weights({k: v for k, v in recipe.state_dict().items()}, weights)
+
+
+def test_loss_scale_is_read_from_either_kind_of_deepspeed_fp16_optimizer():
+    """Stage 0 keeps the dynamic scale in ``loss_scale_config.cur_scale``, ZeRO 1-2 in ``cur_scale``."""
+    from types import SimpleNamespace
+
+    assert current_loss_scale(SimpleNamespace(loss_scale_config=SimpleNamespace(cur_scale=2.0**16))) == 65536.0
+    assert current_loss_scale(SimpleNamespace(cur_scale=1024)) == 1024.0
+    assert current_loss_scale(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)) is None
