@@ -139,6 +139,10 @@ class AgentOutput:
     value: torch.Tensor  # [B]
 
 
+#: the PPO statistics ``ppo_update`` reports (logged every step: zeros until the first update)
+AGENT_METRICS = ("agent_value_loss", "agent_policy_loss", "agent_entropy", "agent_clip_fraction", "agent_advantage")
+
+
 class MaskingAgent(nn.Module):
     """Own layers + heads over the shared features ``[image | text]`` (all fp32)."""
 
@@ -425,6 +429,13 @@ class CurriculumMasking(nn.Module):
             m.observer = observe
         self.armed = (choice, meter, attention_mask.bool())
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Hosted mode's report for the host recipe's log (``Recipe.total``): the mean return of the
+        latest closed episode and the latest PPO statistics; the same keys every step, zeros until the
+        values exist (a resumed run logs what a straight one does)."""
+        zero = next(self.agent.parameters()).new_zeros(())
+        return {k: self.last_metrics.get(k, zero).detach().float() for k in ("reward", *AGENT_METRICS)}
+
     def _close_episode(self) -> None:
         if self.armed is None:
             return
@@ -636,5 +647,5 @@ def build_curriculum(cfg: RunConfig, recipe, options: Optional[CurriculumOptions
     return policy
 
 
-__all__ = ["AgentOutput", "CurriculumMasking", "CurriculumOptions", "MaskChoice", "MaskingAgent", "RewardMeter",
+__all__ = ["AGENT_METRICS", "AgentOutput", "CurriculumMasking", "CurriculumOptions", "MaskChoice", "MaskingAgent", "RewardMeter",
            "Rollout", "build_curriculum", "episode_return", "layer_means", "IGNORE_INDEX"]

@@ -63,6 +63,9 @@ class Recipe(nn.Module):
         out["loss"] = sum(self.loss_weights[name] * value for name, value in losses.items())
         if metrics:
             out.update({name: value.detach() for name, value in metrics.items()})
+        policy = getattr(self, "text_masking", None)
+        if hasattr(policy, "metrics"):  # a masking policy with its own report (the hosted curriculum)
+            out.update({f"text_masking/{name}": value for name, value in policy.metrics().items()})
         return out
 
     def forward(self, batch: Batch) -> dict:  # pragma: no cover - abstract

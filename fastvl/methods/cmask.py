@@ -66,8 +66,8 @@ Composition: ``method.text_masking="curriculum"`` in another recipe with an ALBE
 single-stream fusion encoder (MAMO) builds the same policy in *hosted* mode
 (``CurriculumMasking.attach_host``): the agent reads that recipe's ViT + text-encoder outputs (an extra
 no_grad pass), masks in place for its one-step MLM at ``method.mlm_probability``, measures the reward on
-the next fusion pass with a one-shot observer and learns at the next masking call. The reward metrics are
-kept in ``recipe.text_masking.last_metrics`` but that recipe's forward does not log them.
+the next fusion pass with a one-shot observer and learns at the next masking call. That recipe logs the
+policy's ``reward`` and PPO statistics as ``text_masking/<name>`` (``Recipe.total``).
 
 Metrics per step: ``reward`` (mean G of the learned masks), ``reward_per_token`` (mean R of the
 predicted tokens), ``reward_random`` (G of a random same-quota mask on the same batch, measured every
@@ -87,7 +87,7 @@ from torch import nn
 from ..config import ConfigError, RunConfig, build_section
 from ..data.batch import Batch
 from ..masking import special_tokens
-from ..masking.curriculum import CurriculumMasking, CurriculumOptions, MaskChoice, RewardMeter
+from ..masking.curriculum import AGENT_METRICS, CurriculumMasking, CurriculumOptions, MaskChoice, RewardMeter
 from ..models.albef import AlbefModel
 from ..models.multiway import MultiwayModel
 from ..objectives.glm import GlmInputs, build_glm_inputs, glm_loss
@@ -96,7 +96,6 @@ from .base import Recipe
 
 BACKBONES = ("multiway", "albef")
 OBJECTIVES = ("glm", "mlm")
-AGENT_METRICS = ("agent_value_loss", "agent_policy_loss", "agent_entropy", "agent_clip_fraction", "agent_advantage")
 
 
 @dataclass

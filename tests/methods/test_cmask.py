@@ -366,6 +366,11 @@ def test_curriculum_drives_mamos_text_view():
         assert all(m.observer is None for m in recipe.backbone.modules() if hasattr(m, "observer"))
     # episodes 1 and 2 were closed (and, with update_delay=1, episode 1 learned) by the following calls
     assert len(policy.pending) == 1 and "agent_value_loss" in policy.last_metrics
+    # the host logs the policy's report: the return of the episode closed at step 3, the PPO statistics
+    logged = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("text_masking/")}
+    assert set(logged) == {"reward", "agent_value_loss", "agent_policy_loss", "agent_entropy",
+                           "agent_clip_fraction", "agent_advantage"}
+    assert float(logged["reward"]) > 0 and float(logged["agent_value_loss"]) > 0
     assert any(not torch.equal(v, agent_before[k]) for k, v in policy.agent.state_dict().items())
     assert "text_masking._extra_state" in recipe.state_dict()
 
