@@ -312,17 +312,21 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def read_config_file(path: str) -> dict:
+    """The JSON object in the config file at ``path``; a ConfigError naming the file if it is missing or
+    not JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Defaults <- JSON file at ``path`` <- ``overrides`` ("section.field=value", value parsed as JSON)."""
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    values: dict = {} if path is None else read_config_file(path)
     for text in overrides or []:
         keys, value = _parse_override(text)
         nested: Any = value

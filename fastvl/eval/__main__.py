@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..config import ConfigError, RunConfig, _parse_override, config_from_dict, merge
+from ..config import ConfigError, RunConfig, _parse_override, config_from_dict, merge, read_config_file
 from .probes import probe_metrics
 from .retrieval import encode, retrieval_metrics
 
@@ -29,14 +29,7 @@ def eval_config(saved: dict, config_path: Optional[str], overrides: list[str], d
     ``overrides`` applied, and ``data.eval = data``."""
     changes: dict = {}
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {config_path}")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"config file {config_path} is not valid JSON: {error}") from None
-        changes = {k: v for k, v in values.items() if k in EDITABLE_SECTIONS}
+        changes = {k: v for k, v in read_config_file(config_path).items() if k in EDITABLE_SECTIONS}
     for text in overrides:
         keys, value = _parse_override(text)
         if keys[0] not in EDITABLE_SECTIONS:
