@@ -132,6 +132,10 @@ class MethodConfig:
     (e.g. "curriculum" for C-Mask, "saliency" for EPIC)."""
     temperature: float = 0.07
     """Initial ITC temperature (learnable, clamped to [0.001, 0.5])."""
+    itm_negatives: str = "hard"
+    """ITM negatives: "hard" (ALBEF: drawn with softmax(ITC similarity) weights) or "random" (uniform
+    over the other pairs of the global batch: ALBEF's ablation without hard negatives; in short runs
+    of the tiny model from scratch, ITM learns with these and stays at its prior with hard ones)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Recipe-specific settings, validated by the recipe itself (see its docstring)."""
 
@@ -140,6 +144,8 @@ class MethodConfig:
         _check(len(self.mlm_replace) == 3 and abs(sum(self.mlm_replace) - 1.0) < 1e-6,
                "method.mlm_replace must be three fractions summing to 1")
         self.mlm_replace = tuple(self.mlm_replace)
+        _check(self.itm_negatives in ("hard", "random"),
+               f"method.itm_negatives must be 'hard' or 'random', got {self.itm_negatives!r}")
         for name, weight in self.losses.items():
             _check(isinstance(weight, (int, float)) and weight >= 0, f"method.losses.{name} must be a non-negative number")
 

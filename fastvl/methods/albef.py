@@ -52,6 +52,8 @@ class Albef(Recipe):
         return self.backbone.fuse(text_states, attention_mask, image_states)[:, 0]
 
     def matching(self, image_states, text_states, attention_mask, sim_i2t, sim_t2i) -> torch.Tensor:
+        if self.cfg.method.itm_negatives == "random":  # equal weights: uniform over the other pairs
+            sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
         u = global_uniform(image_states.shape[0], (2,), seed=self.cfg.train.seed, step=self.current_step,
                            stream=ITM_STREAM, device=image_states.device)
         return itm_loss(self.fuse_cls, self.backbone.itm_logits, image_states, text_states, attention_mask,

@@ -56,3 +56,26 @@ def test_mlm_loss_is_mean_over_masked_positions():
     targets = torch.randint(0, 11, (7,))
     assert torch.allclose(mlm_loss(logits, targets), F.cross_entropy(logits, targets), atol=1e-6)
     assert mlm_loss(logits[:0], targets[:0]).item() == 0.0
+
+
+@pytest.mark.parametrize("negatives", ["hard", "random"])
+def test_itm_negatives_are_drawn_by_similarity_or_uniformly(negatives, monkeypatch):
+    """method.itm_negatives: "hard" hands ITM's sampler softmax(ITC similarity) weights, "random" equal
+    weights (ALBEF's ablation without hard negatives)."""
+    import fastvl.objectives.itm as itm
+    from fastvl.config import load_config
+    from fastvl.data.batch import Batch
+    from fastvl.methods import build_method
+
+    seen = []
+    original = itm.sample_by_weight
+    monkeypatch.setattr(itm, "sample_by_weight", lambda w, exclude, u: seen.append(w) or original(w, exclude, u))
+    torch.manual_seed(0)
+    recipe = build_method(load_config("configs/tiny_albef.json", [f"method.itm_negatives={negatives}"]))
+    ids = torch.randint(1000, 2000, (6, 10))
+    ids[:, 0], ids[:, -1] = 101, 102
+    recipe(Batch(torch.randn(6, 3, 64, 64), ids, torch.ones_like(ids), []))
+    assert len(seen) == 2  # image -> text and text -> image
+    for weights in seen:
+        spread = (weights.max(1).values - weights.min(1).values).max()
+        assert (spread == 0) if negatives == "random" else (spread > 1e-3), weights
