@@ -57,12 +57,15 @@ def _load_rows(base, offs, offs_d, stride_l, stride_d, rows_in, d_in):
 
 
 @triton.jit
-def _query_codes(QueryThr_ptr, QueryPid_ptr, offs_m, rows_in,
-                 PADDED_THR: tl.constexpr, NO_QUERY_PID: tl.constexpr, BIG: tl.constexpr):
-    """A query block's codes and its summary from them: the largest threshold, the pseudo-id range."""
-    thr = tl.load(QueryThr_ptr + offs_m, mask=rows_in, other=PADDED_THR)
-    qpid = tl.load(QueryPid_ptr + offs_m, mask=rows_in, other=NO_QUERY_PID)
-    return thr, qpid, tl.max(thr, axis=0), tl.min(tl.where(qpid != NO_QUERY_PID, qpid, BIG), axis=0), tl.max(qpid, axis=0)
+def _query_codes(QueryThr_ptr, QueryPid_ptr, offs_m, rows_in, PADDED_THR: tl.constexpr, NO_QUERY_PID: tl.constexpr):
+    return (tl.load(QueryThr_ptr + offs_m, mask=rows_in, other=PADDED_THR),
+            tl.load(QueryPid_ptr + offs_m, mask=rows_in, other=NO_QUERY_PID))
+
+
+@triton.jit
+def _query_summary(thr, qpid, NO_QUERY_PID: tl.constexpr, BIG: tl.constexpr):
+    """A query block's summary from its own codes: the largest threshold and the pseudo-id range."""
+    return tl.max(thr, axis=0), tl.min(tl.where(qpid != NO_QUERY_PID, qpid, BIG), axis=0), tl.max(qpid, axis=0)
 
 
 @triton.jit
@@ -111,8 +114,9 @@ def _perm_attn_fwd_kernel(
     d_in = offs_d < head_dim
 
     code_row = b * seq_len
-    thr, qpid, q_hi, q_pid_lo, q_pid_hi = _query_codes(QueryThr_ptr + code_row, QueryPid_ptr + code_row, offs_m,
-                                                       row_in, PADDED_THR, NO_QUERY_PID, BIG)
+    thr, qpid = _query_codes(QueryThr_ptr + code_row, QueryPid_ptr + code_row, offs_m, row_in, PADDED_THR,
+                             NO_QUERY_PID)
+    q_hi, q_pid_lo, q_pid_hi = _query_summary(thr, qpid, NO_QUERY_PID, BIG)
     q = _load_rows(Q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd, row_in, d_in)
     k_base = K_ptr + b * stride_kb + h * stride_kh
     v_base = V_ptr + b * stride_vb + h * stride_vh
@@ -194,8 +198,8 @@ def _perm_attn_bwd_dkdv_kernel(
             row_in = offs_m < seq_len
             q = _load_rows(q_base, offs_m, offs_d, stride_ql, stride_qd, row_in, d_in)
             dout = _load_rows(g_base, offs_m, offs_d, stride_gl, stride_gd, row_in, d_in)
-            thr, qpid, _, _, _ = _query_codes(QueryThr_ptr + code_row, QueryPid_ptr + code_row, offs_m, row_in,
-                                              PADDED_THR, NO_QUERY_PID, BIG)
+            thr, qpid = _query_codes(QueryThr_ptr + code_row, QueryPid_ptr + code_row, offs_m, row_in,
+                                     PADDED_THR, NO_QUERY_PID)
             lse = tl.load(Lse_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
             delta = tl.load(Delta_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)
             p = _recomputed_probs(q, keys, lse, req, kpid, thr, qpid, qk_scale_log2, IEEE_DOT)
@@ -234,8 +238,9 @@ def _perm_attn_bwd_dq_kernel(
     d_in = offs_d < head_dim
 
     code_row = b * seq_len
-    thr, qpid, q_hi, q_pid_lo, q_pid_hi = _query_codes(QueryThr_ptr + code_row, QueryPid_ptr + code_row, offs_m,
-                                                       row_in, PADDED_THR, NO_QUERY_PID, BIG)
+    thr, qpid = _query_codes(QueryThr_ptr + code_row, QueryPid_ptr + code_row, offs_m, row_in, PADDED_THR,
+                             NO_QUERY_PID)
+    q_hi, q_pid_lo, q_pid_hi = _query_summary(thr, qpid, NO_QUERY_PID, BIG)
     q = _load_rows(Q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd, row_in, d_in)
     dout = _load_rows(DOut_ptr + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd, row_in, d_in)
     lse = tl.load(Lse_ptr + pid_bh * seq_len + offs_m, mask=row_in, other=0.0)

@@ -429,12 +429,19 @@ class CurriculumMasking(nn.Module):
             m.observer = observe
         self.armed = (choice, meter, attention_mask.bool())
 
+    def agent_metrics(self) -> dict[str, torch.Tensor]:
+        """The latest PPO statistics (``AGENT_METRICS``): the same keys every step, zeros until the first
+        update (a resumed run logs what a straight one does)."""
+        return self._latest(AGENT_METRICS)
+
     def metrics(self) -> dict[str, torch.Tensor]:
         """Hosted mode's report for the host recipe's log (``Recipe.total``): the mean return of the
-        latest closed episode and the latest PPO statistics; the same keys every step, zeros until the
-        values exist (a resumed run logs what a straight one does)."""
+        latest closed episode and the latest PPO statistics, zeros until they exist."""
+        return self._latest(("reward", *AGENT_METRICS))
+
+    def _latest(self, keys) -> dict[str, torch.Tensor]:
         zero = next(self.agent.parameters()).new_zeros(())
-        return {k: self.last_metrics.get(k, zero).detach().float() for k in ("reward", *AGENT_METRICS)}
+        return {k: self.last_metrics.get(k, zero).detach().float() for k in keys}
 
     def _close_episode(self) -> None:
         if self.armed is None:
@@ -484,17 +491,18 @@ class CurriculumMasking(nn.Module):
         if not due:
             return {}
         device = next(self.agent.parameters()).device
-        with self._beside_main(device, [t for ro in due for t in ro.tensors()]):
+        with self._beside_main(device, due):
             for rollout in due:
                 metrics = self.ppo_update(rollout)
         self.last_metrics = {**self.last_metrics, **metrics}  # keeps e.g. the hosted mode's "reward"
         return metrics
 
     @contextlib.contextmanager
-    def _beside_main(self, device: torch.device, inputs: list[torch.Tensor]):
+    def _beside_main(self, device: torch.device, rollouts: list[Rollout]):
         """Run the block on the side stream after the main stream's work so far (CUDA), else inline.
-        ``inputs`` were made on the main stream and are freed after the block: marked as used by the
-        side stream so the caching allocator does not hand their memory out while it still reads them."""
+        The rollouts' tensors were made on the main stream and are freed after the block: marked as used
+        by the side stream so the caching allocator does not hand their memory out while it still reads
+        them."""
         if device.type != "cuda":
             yield
             return
@@ -503,7 +511,7 @@ class CurriculumMasking(nn.Module):
         self.side_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self.side_stream):
             yield
-        for t in inputs:
+        for t in (t for ro in rollouts for t in ro.tensors()):
             if t.is_cuda:  # rollouts restored from a checkpoint are CPU tensors
                 t.record_stream(self.side_stream)
 
@@ -612,10 +620,8 @@ def _average_gradients(module: nn.Module) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per parameter
     dist.all_reduce(flat)
     flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def build_curriculum(cfg: RunConfig, recipe, options: Optional[CurriculumOptions] = None) -> CurriculumMasking:

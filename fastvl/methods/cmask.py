@@ -87,7 +87,7 @@ from torch import nn
 from ..config import ConfigError, RunConfig, build_section
 from ..data.batch import Batch
 from ..masking import special_tokens
-from ..masking.curriculum import AGENT_METRICS, CurriculumMasking, CurriculumOptions, MaskChoice, RewardMeter
+from ..masking.curriculum import CurriculumMasking, CurriculumOptions, MaskChoice, RewardMeter
 from ..models.albef import AlbefModel
 from ..models.multiway import MultiwayModel
 from ..objectives.glm import GlmInputs, build_glm_inputs, glm_loss
@@ -147,7 +147,6 @@ class CMask(Recipe):
         self.curriculum = CurriculumMasking(o, image_width=image_width, text_width=text_width,
                                             width=cfg.model.text_width, heads=cfg.model.text_heads,
                                             intermediate=cfg.model.text_intermediate, seed=cfg.train.seed)
-        self.curriculum.last_metrics = {name: torch.zeros(()) for name in AGENT_METRICS}
 
     def curriculum_widths(self) -> tuple[int, int]:
         return self.curriculum.agent.image_in.in_features, self.curriculum.agent.text_in.in_features
@@ -252,7 +251,7 @@ class CMask(Recipe):
         words = self.curriculum.action_space(batch.attention_mask).sum().clamp(min=1)
         metrics["masked_fraction"] = choice.mask.sum() / words
         if o.learns:
-            metrics.update({k: v.to(states.device) for k, v in self.curriculum.last_metrics.items()})
+            metrics.update(self.curriculum.agent_metrics())
         metrics["temperature"] = self.temperature
         return self.total(losses, metrics)
 
