@@ -1,6 +1,8 @@
 """End-to-end training step: samples/s, median step time and peak memory of one optimizer step
 (forward + backward + DeepSpeed step) for one or more runs, side by side in one process, with overheads
 (run / first run) against the first run — the baseline every method's overhead is measured against.
+The runs are built first and timed in interleaved rounds (``harness.time_interleaved``); the time
+overhead is the median of the per-round ratios, with its 20th-80th percentiles.
 
     python -m bench.bench_train_step                                   # the tiny ALBEF baseline
     python -m bench.bench_train_step --run albef configs/tiny_albef.json \\
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import machine, peak_extra_bytes, print_table, save_rows, time_ms
+from bench.harness import machine, peak_extra_bytes, print_table, save_rows, time_interleaved
 from fastvl.config import load_config
 from fastvl.data.batch import Batch
 
@@ -41,7 +43,8 @@ def fixed_batch(cfg, text_len: int) -> tuple[Batch, str]:
     return Batch(torch.randn(b, 3, size, size, generator=g), ids, torch.ones_like(ids), []), "random"
 
 
-def bench_run(label: str, config: str, overrides: list[str], args, world: int, device) -> dict:
+def build_run(label: str, config: str, overrides: list[str], args, world: int, device):
+    """(row metadata, one training step) of a run; the step reuses one batch and advances the step counter."""
     from fastvl.methods import build_method
     from fastvl.train.engine import build_engine
     from fastvl.train.loop import seed_everything, to_engine
@@ -55,21 +58,17 @@ def bench_run(label: str, config: str, overrides: list[str], args, world: int, d
 
     def step():
         for _ in range(cfg.train.grad_accum):
-            engine.backward_and_step(engine.ds(batch)["loss"])
+            applied = engine.backward_and_step(engine.ds(batch)["loss"])
         steps_done[0] += 1
-        engine.recipe.after_step(steps_done[0])
+        engine.recipe.after_step(steps_done[0], applied)
 
-    timing = time_ms(step, warmup=args.warmup, reps=args.steps)
-    samples = cfg.data.batch_size * cfg.train.grad_accum * world
     row = {"op": "train_step", "provider": label,
-           "shape": f"{cfg.method.name} {cfg.model.preset} b{samples} L{batch.input_ids.shape[1]} "
-                    f"{engine.precision} zero{cfg.train.zero_stage}",
+           "shape": f"{cfg.method.name} {cfg.model.preset} b{cfg.data.batch_size * cfg.train.grad_accum * world} "
+                    f"L{batch.input_ids.shape[1]} {engine.precision} zero{cfg.train.zero_stage}",
            "config": config, "overrides": overrides, "batch_source": source, "machine": machine(),
-           "torch": torch.__version__, "optimizer": engine.optimizer_name, **timing,
-           "samples_per_s": samples / (timing["ms"] / 1e3)}
-    if not args.no_memory:
-        row["peak_extra_bytes"] = peak_extra_bytes(step, device.type)
-    return row
+           "torch": torch.__version__, "optimizer": engine.optimizer_name,
+           "samples": cfg.data.batch_size * cfg.train.grad_accum * world}
+    return row, step
 
 
 def main(argv=None) -> list[dict]:
@@ -94,12 +93,25 @@ def main(argv=None) -> list[dict]:
     quiet_deepspeed()
     _, world, local_rank = init_distributed()
     device = device_for(local_rank)
-    rows = [bench_run(label, config, shared + extra, args, world, device) for label, config, *extra in runs]
-    base = rows[0]
+    labels = [label for label, *_ in runs]
+    if len(set(labels)) != len(labels):
+        parser.error(f"--run labels must differ, got {labels}")
+    built = {label: build_run(label, config, shared + extra, args, world, device) for label, config, *extra in runs}
+    timing = time_interleaved({label: step for label, (_, step) in built.items()}, warmup=args.warmup,
+                              reps=args.steps)
+    rows = []
+    base = labels[0]
+    for label, (row, step) in built.items():
+        t = timing[label]
+        row.update(ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], samples_per_s=row.pop("samples") / t["ms"] * 1e3)
+        row[f"overhead_time_vs_{base}"] = t["ratio"]
+        row[f"overhead_time_vs_{base}_p20"], row[f"overhead_time_vs_{base}_p80"] = t["ratio_p20"], t["ratio_p80"]
+        if not args.no_memory:
+            row["peak_extra_bytes"] = peak_extra_bytes(step, device.type)
+        rows.append(row)
     for row in rows:
-        row[f"overhead_time_vs_{base['provider']}"] = row["ms"] / base["ms"]
         if "peak_extra_bytes" in row:
-            row[f"overhead_memory_vs_{base['provider']}"] = row["peak_extra_bytes"] / base["peak_extra_bytes"]
+            row[f"overhead_memory_vs_{base}"] = row["peak_extra_bytes"] / rows[0]["peak_extra_bytes"]
     print_table(rows)
     for row in rows:
         print(json.dumps(row))

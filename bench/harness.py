@@ -28,8 +28,32 @@ def time_ms(fn: Callable[[], object], warmup: int = 2, reps: int = 10) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         samples.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(samples, n=5) if len(samples) >= 2 else samples * 4
-    return {"ms": statistics.median(samples), "ms_p20": q[0], "ms_p80": q[-1]}
+    return _summary(samples, "ms")
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps: int = 10) -> dict[str, dict]:
+    """``time_ms`` for several callables measured in rounds: each round runs every callable once, the
+    order rotating per round. Drifts of a shared machine then hit every callable alike, and the paired
+    per-round ratios against the first callable (``ratio``: median, ``ratio_p20``, ``ratio_p80``) are
+    steadier than a ratio of medians taken minutes apart."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(time_ms(fns[name], warmup=0, reps=1)["ms"])
+    out = {}
+    for name in names:
+        ratios = [t / b for t, b in zip(samples[name], samples[names[0]])]
+        out[name] = {**_summary(samples[name], "ms"), **_summary(ratios, "ratio")}
+    return out
+
+
+def _summary(values: list[float], key: str) -> dict:
+    q = statistics.quantiles(values, n=5) if len(values) >= 2 else values * 4
+    return {key: statistics.median(values), f"{key}_p20": q[0], f"{key}_p80": q[-1]}
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:

@@ -9,7 +9,7 @@ Pieces (each usable on its own, tested in tests/methods/test_cmask.py):
   of layers; they arrive detached, so no gradient reaches the backbone from the agent) + its own
   ``agent_layers`` BERT layers over ``[image | text]`` + heads: start logits (p = softmax over the
   valid word positions), span continuation (s = sigmoid), order scores (q, Plackett-Luce logits) and
-  a value head (mean-pooled state -> scalar V(s)).
+  a value head (mean-pooled caption state -> scalar V(s)).
 - ``RewardMeter``: an attention observer. For every observed layer it calls the fused
   ``value_weighted_topk_reward`` on (destination rows = text + pseudo-mask rows) x (source = image
   tokens) and keeps the head mean [B, T]. No gradient; it reads detached q/k/v, so the main model's
@@ -50,7 +50,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from fastvl_kernels import SpanSample, sample_spans, span_action_log_prob, value_weighted_topk_reward
@@ -144,7 +143,12 @@ AGENT_METRICS = ("agent_value_loss", "agent_policy_loss", "agent_entropy", "agen
 
 
 class MaskingAgent(nn.Module):
-    """Own layers + heads over the shared features ``[image | text]`` (all fp32)."""
+    """Own layers + heads over the shared features ``[image | text]`` (all fp32).
+
+    Every layer is joint self-attention over ``[image | text]``; the last one computes the caption rows
+    only (queries = caption, keys/values = all rows, the same weights), because every head reads the
+    caption: the action heads per word and the value head as the mean of the caption's real rows. That
+    last layer's image rows would be dead work (about half the agent's compute with one layer)."""
 
     def __init__(self, image_width: int, text_width: int, width: int, heads: int, intermediate: int, layers: int):
         super().__init__()
@@ -161,12 +165,17 @@ class MaskingAgent(nn.Module):
         x = torch.cat([self.image_in(image_feats.float()) + self.modality[0],
                        self.text_in(text_feats.float()) + self.modality[1]], dim=1)
         padding = torch.cat([text_padding.new_ones(b, n_img), text_padding], 1).bool()
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x, padding)
-        text = x[:, n_img:]
+        if len(self.layers):
+            last = self.layers[-1]
+            text = last.attention(x[:, n_img:], padding, context=x)
+            text = last.output(last.intermediate(text), text)
+        else:
+            text = x[:, n_img:]
         start, cont, order = self.action_heads(text).unbind(-1)
-        weights = padding.float().unsqueeze(-1)
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+        weights = text_padding.float().unsqueeze(-1)
+        pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1)
         return AgentOutput(start, cont, order, self.value_head(pooled).squeeze(-1))
 
 
@@ -281,7 +290,8 @@ class CurriculumMasking(nn.Module):
         agent = MaskingAgent(image_width, text_width, width, heads, intermediate, options.agent_layers)
         # held outside the module tree: fp32, own optimizer, invisible to DeepSpeed (see module docstring)
         object.__setattr__(self, "agent", agent)
-        object.__setattr__(self, "agent_optimizer", torch.optim.Adam(agent.parameters(), lr=options.agent_lr))
+        optimizer = torch.optim.Adam(agent.parameters(), lr=options.agent_lr, fused=True)  # one kernel, not one per tensor
+        object.__setattr__(self, "agent_optimizer", optimizer)
         self.reward_scale: Optional[torch.Tensor] = None  # running per-layer means ("running")
         self.pending: list[Rollout] = []  # rollouts with returns, waiting for ``learn``
         self.last_metrics: dict[str, torch.Tensor] = {}
@@ -294,10 +304,9 @@ class CurriculumMasking(nn.Module):
         probe = fn(torch.zeros(()))
         if probe.device != next(self.agent.parameters()).device:
             self.agent.to(probe.device)
-            state = self.agent_optimizer.state
-            for s in state.values():
-                for key, value in s.items():
-                    if isinstance(value, torch.Tensor) and key != "step":
+            for s in self.agent_optimizer.state.values():  # fused Adam: every state tensor, step included,
+                for key, value in s.items():                 # lives on the parameters' device
+                    if isinstance(value, torch.Tensor):
                         s[key] = value.to(probe.device)
         return super()._apply(fn, recurse)
 
@@ -464,12 +473,15 @@ class CurriculumMasking(nn.Module):
         o = self.options
         layers = meter.stacked()
         if o.reward_layer_norm == "running":
+            # a layer whose mean is not finite (fp16 overflow in the attention) leaves its scale alone:
+            # one inf would zero that layer's rewards for good (checked on the device, no host sync)
             means = layer_means(layers, meter.row_mask)
+            finite = torch.isfinite(means)
             if self.reward_scale is None or self.reward_scale.shape != means.shape:
-                self.reward_scale = means.clone()
+                self.reward_scale = torch.where(finite, means, torch.ones_like(means))
             elif update_scale:
-                m = o.reward_norm_momentum
-                self.reward_scale = m * self.reward_scale.to(means.device) + (1 - m) * means
+                m, scale = o.reward_norm_momentum, self.reward_scale.to(means.device)
+                self.reward_scale = torch.where(finite, m * scale + (1 - m) * means, scale)
         return episode_return(layers, meter.row_mask, predict_rows, caption_rows, o.reward_layer_norm,
                               None if self.reward_scale is None else self.reward_scale.to(layers.device))
 
@@ -526,13 +538,19 @@ class CurriculumMasking(nn.Module):
             L = -mean_b min(r A, clip(r, 1-eps, 1+eps) A) - beta mean_b H + c_v mean_b (V - G)^2
 
         H is the unbiased entropy estimator of the composite action (sum of conditional entropies
-        along the sampled trajectory, ``span_action_log_prob``). Gradients reach only the agent."""
+        along the sampled trajectory, ``span_action_log_prob``). Gradients reach only the agent. Rows
+        whose return is not finite (fp16 overflow in the main model) are left out of the means: one NaN
+        would stay in the agent's weights for good."""
         o = self.options
         agent, optimizer = self.agent, self.agent_optimizer
         device = next(agent.parameters()).device
         r = {k: getattr(rollout, k).to(device) for k in ("image_feats", "text_feats", "text_padding", "lengths",
                                                            "old_log_prob", "returns")}
         sample = SpanSample(*(t.to(device) for t in rollout.sample))
+        finite = torch.isfinite(r["returns"])
+        returns = torch.where(finite, r["returns"], torch.zeros_like(r["returns"]))
+        rows = finite.float().sum().clamp(min=1)
+        mean = lambda x: torch.where(finite, x, 0.0).sum() / rows  # noqa: E731  (rows with a finite return)
         agent.train()
         stats = {}
         with torch.enable_grad():
@@ -541,20 +559,20 @@ class CurriculumMasking(nn.Module):
                 p, s, q = self.distributions(out, r["lengths"])
                 log_prob, entropy = span_action_log_prob(p, s, r["lengths"], o.quota, sample, order_scores=q,
                                                          order=o.order)
-                advantage = r["returns"] - out.value.detach()
+                advantage = returns - out.value.detach()
                 ratio = torch.exp(log_prob - r["old_log_prob"])
                 clipped = ratio.clamp(1 - o.ppo_clip, 1 + o.ppo_clip)
-                policy_loss = -torch.minimum(ratio * advantage, clipped * advantage).mean()
-                value_loss = F.mse_loss(out.value, r["returns"])
-                loss = policy_loss - o.entropy_coef * entropy.mean() + o.value_coef * value_loss
+                policy_loss = -mean(torch.minimum(ratio * advantage, clipped * advantage))
+                value_loss = mean((out.value - returns) ** 2)
+                loss = policy_loss - o.entropy_coef * mean(entropy) + o.value_coef * value_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 _average_gradients(agent)
                 optimizer.step()
                 stats = {"agent_value_loss": value_loss.detach(), "agent_policy_loss": policy_loss.detach(),
-                         "agent_entropy": entropy.detach().mean(),
-                         "agent_clip_fraction": ((ratio - 1).abs() > o.ppo_clip).float().mean().detach(),
-                         "agent_advantage": advantage.mean().detach()}
+                         "agent_entropy": mean(entropy).detach(),
+                         "agent_clip_fraction": mean(((ratio - 1).abs() > o.ppo_clip).float()).detach(),
+                         "agent_advantage": mean(advantage).detach()}
         return stats
 
     # -- checkpointing: agent, its optimizer, reward scale and the pending rollouts -------------

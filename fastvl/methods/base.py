@@ -71,8 +71,9 @@ class Recipe(nn.Module):
     def forward(self, batch: Batch) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def after_step(self, step: int) -> None:
-        """Called after every optimizer step with the number of steps done; recipes with EMA
+    def after_step(self, step: int, applied: bool = True) -> None:
+        """Called after every optimizer step with the number of steps done and whether the weights
+        changed (``applied`` is False when fp16's loss scaler skipped the step); recipes with EMA
         teachers or agents extend it (and call this)."""
         self.current_step = step
         self.step.fill_(step)

@@ -255,8 +255,10 @@ class CMask(Recipe):
         metrics["temperature"] = self.temperature
         return self.total(losses, metrics)
 
-    def after_step(self, step: int) -> None:
-        super().after_step(step)
+    def after_step(self, step: int, applied: bool = True) -> None:
+        # the agent learns even when fp16 skipped the main model's step: its own fp32 update does not
+        # depend on the main gradients, and ``finish`` already dropped an episode without a finite return
+        super().after_step(step, applied)
         self.curriculum.learn()
 
     @property

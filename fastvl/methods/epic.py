@@ -343,9 +343,9 @@ class Epic(Recipe):
             self.generator.eval()  # a fixed generator samples without dropout
         return self
 
-    def after_step(self, step: int) -> None:
-        super().after_step(step)
-        self.base.after_step(step)
+    def after_step(self, step: int, applied: bool = True) -> None:
+        super().after_step(step, applied)
+        self.base.after_step(step, applied)
 
     @property
     def scorer(self):

@@ -253,9 +253,9 @@ class Mamo(Albef):
             metrics["mrm_target_std"] = per_dimension_std(torch.cat(target_rows))
         return self.total(losses, metrics)
 
-    def after_step(self, step: int) -> None:
-        super().after_step(step)
-        if self.teacher is not None:
+    def after_step(self, step: int, applied: bool = True) -> None:
+        super().after_step(step, applied)
+        if self.teacher is not None and applied:  # a skipped step left the student as it was
             self.teacher.update()
 
     @property

@@ -230,13 +230,14 @@ class Engine:
     def backward_and_step(self, loss: torch.Tensor) -> bool:
         """Backward of one micro-batch and DeepSpeed's step, which updates the weights only at the
         gradient-accumulation boundary (DeepSpeed scales the loss by 1/grad_accum). Returns True when
-        the weights were updated."""
+        the weights were updated: False between boundaries and on a step fp16's loss scaler skipped
+        for overflowing gradients."""
         boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.backward(loss)
         if boundary and self.trainer_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.recipe.parameters(), self.trainer_clip)
         self.ds.step()
-        return boundary
+        return boundary and self.ds.was_step_applied()
 
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])

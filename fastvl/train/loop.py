@@ -191,13 +191,13 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
             for _ in range(cfg.train.grad_accum):
                 batch = to_engine(stream.next(), engine)
                 outputs = engine.ds(batch)
-                engine.backward_and_step(outputs["loss"])
+                applied = engine.backward_and_step(outputs["loss"])
                 window.add_micro_batch(outputs)
         except EndOfData:
             break
         step += 1
         samples_seen += global_batch
-        recipe.after_step(step)
+        recipe.after_step(step, applied)
         window.add_step(time.perf_counter() - started, global_batch)
 
         if step % cfg.train.log_every == 0 or step == total:

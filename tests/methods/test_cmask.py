@@ -259,6 +259,30 @@ def chosen_log_prob(curriculum, rollout):
                                     order_scores=q, order=curriculum.options.order)
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_agent_last_layer_computes_exactly_the_joint_caption_rows(layers):
+    """The agent's last layer runs only the caption rows: they must equal the caption rows of the full
+    joint layer over [image | text], with padded words excluded as keys."""
+    from fastvl.masking.curriculum import MaskingAgent
+
+    torch.manual_seed(layers)
+    agent = MaskingAgent(24, 16, 32, 4, 64, layers).eval()
+    image, text = torch.randn(3, 5, 24), torch.randn(3, 7, 16)
+    text_padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]]).bool()
+    out = agent(image, text, text_padding)
+    x = torch.cat([agent.image_in(image) + agent.modality[0], agent.text_in(text) + agent.modality[1]], 1)
+    padding = torch.cat([torch.ones(3, 5, dtype=torch.bool), text_padding], 1)
+    for layer in agent.layers:
+        x = layer(x, padding)
+    caption = x[:, 5:]
+    start, cont, order = agent.action_heads(caption).unbind(-1)
+    real = text_padding.float().unsqueeze(-1)
+    value = agent.value_head((caption * real).sum(1) / real.sum(1)).squeeze(-1)
+    for got, want in zip((out.start_logits, out.cont_logits, out.order_scores), (start, cont, order)):
+        torch.testing.assert_close(got[text_padding], want[text_padding], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.value, value, rtol=1e-5, atol=1e-5)
+
+
 def test_ppo_with_positive_advantage_raises_the_chosen_action():
     recipe = build(seed=4, entropy_coef=0.0, value_coef=0.0, agent_lr=1e-3)
     rollout = rollout_for(recipe)
@@ -276,6 +300,48 @@ def test_ppo_with_positive_advantage_raises_the_chosen_action():
     recipe.curriculum.ppo_update(rollout)
     lowered, _ = chosen_log_prob(recipe.curriculum, rollout)
     assert lowered.mean() < before.mean()
+
+
+def test_ppo_leaves_out_rows_without_a_finite_return():
+    """A row whose return overflowed (fp16) must not reach the agent: the gradient equals the gradient
+    of the other rows alone, and the weights stay finite."""
+    import dataclasses
+
+    from fastvl_kernels import SpanSample
+
+    rollout = rollout_for(build(seed=5))
+    with torch.no_grad():
+        rollout.returns = torch.randn(rollout.lengths.shape[0])
+    poisoned = dataclasses.replace(rollout, returns=rollout.returns.clone())
+    poisoned.returns[0] = float("nan")
+    rest = dataclasses.replace(
+        rollout, image_feats=rollout.image_feats[1:], text_feats=rollout.text_feats[1:],
+        text_padding=rollout.text_padding[1:], lengths=rollout.lengths[1:],
+        sample=SpanSample(*(t[1:] for t in rollout.sample)), old_log_prob=rollout.old_log_prob[1:],
+        returns=rollout.returns[1:])
+    agents = []
+    for r in (poisoned, rest):
+        recipe = build(seed=5, agent_lr=1e-3)
+        stats = recipe.curriculum.ppo_update(r)
+        assert all(torch.isfinite(v) for v in stats.values())
+        assert all(torch.isfinite(p).all() for p in recipe.curriculum.agent.parameters())
+        agents.append({n: p.grad for n, p in recipe.curriculum.agent.named_parameters()})
+    for name, grad in agents[0].items():
+        torch.testing.assert_close(grad, agents[1][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_running_scale_ignores_a_non_finite_layer():
+    recipe = build(seed=3)
+    curriculum = recipe.curriculum
+    rows = torch.ones(2, 3, dtype=torch.bool)
+    meter = RewardMeter(0, rows)
+    meter.layers = [torch.full((2, 3), 2.0), torch.full((2, 3), 4.0)]
+    curriculum.compute_return(meter, rows, rows, update_scale=True)
+    torch.testing.assert_close(curriculum.reward_scale, torch.tensor([2.0, 4.0]))
+    meter.layers = [torch.full((2, 3), float("inf")), torch.full((2, 3), 8.0)]
+    curriculum.compute_return(meter, rows, rows, update_scale=True)
+    m = curriculum.options.reward_norm_momentum
+    torch.testing.assert_close(curriculum.reward_scale, torch.tensor([2.0, m * 4.0 + (1 - m) * 8.0]))
 
 
 def test_entropy_bonus_raises_the_policy_entropy():

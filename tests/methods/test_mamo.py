@@ -356,6 +356,11 @@ def test_recipe_teacher_gets_no_gradient_and_follows_after_step():
     assert recipe.current_step == 1
     for path, buffer, param in recipe.teacher.pairs("fusion_encoder"):
         torch.testing.assert_close(buffer, 0.9 * before[path] + 0.1 * param.detach(), rtol=0, atol=1e-6)
+    # a step fp16's loss scaler skipped (applied=False): the step counts, the teacher stays
+    moved = {path: b.clone() for path, b, _ in recipe.teacher.pairs("fusion_encoder")}
+    recipe.after_step(2, applied=False)
+    assert recipe.current_step == 2
+    assert all(torch.equal(b, moved[path]) for path, b, _ in recipe.teacher.pairs("fusion_encoder"))
 
 
 @pytest.mark.parametrize("losses,modalities,teacher_parts,keys", [
@@ -522,8 +527,8 @@ def test_ema_teacher_under_zero3_gathers_the_online_parameters(tmp_path, monkeyp
             out["teacher_norm"] = self.teacher("image", batch.images).float().norm()
             return out
 
-        def after_step(self, step):
-            super().after_step(step)
+        def after_step(self, step, applied=True):
+            super().after_step(step, applied)
             self.teacher.update()
 
     runs = {}
