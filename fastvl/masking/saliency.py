@@ -35,7 +35,9 @@ layer, that layer). The teacher's forward stops as soon as that layer's attentio
 model_fp32.pt) with ``fastvl.train.checkpoint.load_recipe`` and keeps its backbone. The teacher is
 frozen for good: its parameters become *non-persistent buffers* (``freeze_as_buffers``), so no
 optimizer, gradient or ZeRO partition ever sees them and the run's checkpoints do not store them (the
-path in the config is the source); ``train()`` keeps it in eval mode. It runs in the dtype of the
+path in the config is the source); ``train()`` keeps it in eval mode. The checkpoints store only the
+teacher's ``fingerprint`` (a SHA-256 prefix of its weights): loading one next to a teacher whose weights
+changed since warns that the masking will differ. It runs in the dtype of the
 images it is given (cast once, lazily: bf16/fp16 under DeepSpeed).
 
 **Positions.** ``m = ceil(ratio · n)`` per caption (n = maskable tokens; ratio 0.35 in the paper),
@@ -46,6 +48,8 @@ the draw for a sample does not depend on how the batch is split over ranks.
 """
 from __future__ import annotations
 
+import hashlib
+import warnings
 from typing import Optional
 
 import torch
@@ -118,6 +122,18 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # the teacher
+
+
+def weights_fingerprint(module: nn.Module) -> torch.Tensor:
+    """int64 scalar: the first 8 bytes of a SHA-256 over every parameter and buffer of ``module`` (name,
+    dtype, shape and bytes, in name order). Equal for the same weights, different for any change."""
+    digest = hashlib.sha256()
+    tensors = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers())}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.tensor(int.from_bytes(digest.digest()[:8], "little", signed=True))
 
 
 def freeze_as_buffers(module: nn.Module) -> nn.Module:
@@ -209,10 +225,22 @@ class SaliencyTeacher(nn.Module):
         backbone.fusion_encoder.encoder.layer = nn.ModuleList(list(layers)[:index + 1])
         self.layer_index, self.scale = index, float(scale)
         self.backbone = freeze_as_buffers(backbone)
+        # the one persistent entry: which teacher a checkpoint was trained with (compared on load)
+        self.register_buffer("fingerprint", weights_fingerprint(self.backbone))
         object.__setattr__(self, "_attention", attention)  # a view into backbone, not a second submodule
 
     def train(self, mode: bool = True):
         return super().train(False)  # a frozen teacher: always eval mode (no dropout)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = state_dict.get(prefix + "fingerprint")
+        if saved is not None and int(saved) != int(self.fingerprint):
+            warnings.warn("EPIC: the checkpoint being loaded was trained with a different saliency teacher than "
+                          "the one method.options.teacher points to now (its weights changed since): the masking "
+                          "changes from here on. Restore that teacher to resume the same run.", RuntimeWarning)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

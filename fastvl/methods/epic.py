@@ -63,7 +63,8 @@ Choices where the paper is vague:
    so EPIC adds no second image-encoder pass; when the base computed none, the image is encoded here.
 8. The base's own MLM keeps the base's masking (appendix J: saliency-masked CMLM gave no extra gain).
 9. The teacher's weights are not stored in this recipe's checkpoints (frozen, non-persistent
-   buffers); rebuilding the recipe (resume, ``load_recipe``) reloads them from ``teacher``.
+   buffers); rebuilding the recipe (resume, ``load_recipe``) reloads them from ``teacher``. Only its
+   fingerprint is stored: a resume next to a changed teacher warns.
 
 Not a ZeRO-3 recipe (``supports_zero3 = False``): the tied MLM decoders of the VLM and the generator
 read the word embeddings outside their modules' forwards. Stages 0-2 work.

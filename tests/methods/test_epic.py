@@ -362,7 +362,8 @@ def test_teacher_stays_frozen_through_training(teacher_path):
     assert not r.saliency.training and not r.saliency.backbone.training
     assert all(not m.training for m in r.saliency.modules())
     before = {n: b.clone() for n, b in r.saliency.named_buffers()}
-    assert not any(n.startswith("saliency.") for n in r.state_dict())  # not stored in checkpoints
+    # not stored in checkpoints: only the fingerprint of the teacher's weights
+    assert {n for n in r.state_dict() if n.startswith("saliency.")} == {"saliency.fingerprint"}
     optimizer = torch.optim.AdamW([p for p in r.parameters() if p.requires_grad], lr=1e-3)
     for step in range(3):
         out = r(make_batch(10 + step))
@@ -375,6 +376,20 @@ def test_teacher_stays_frozen_through_training(teacher_path):
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert not r.saliency.backbone.training
     assert r.current_step == r.base.current_step == 3
+
+
+def test_loading_next_to_a_changed_teacher_warns(tmp_path, teacher_path):
+    import warnings
+
+    state = build(teacher_path).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(teacher_path).load_state_dict(state)  # the same teacher: silent
+    other = save_fresh("configs/tiny_albef.json", tmp_path / "model_fp32.pt", 1)  # other weights, same shapes
+    changed = build(other)
+    assert int(changed.saliency.fingerprint) != int(state["saliency.fingerprint"])
+    with pytest.warns(RuntimeWarning, match="different saliency teacher"):
+        changed.load_state_dict(state)
 
 
 def test_image_encoder_runs_once_and_its_states_are_reused(teacher_path):
