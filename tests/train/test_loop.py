@@ -159,3 +159,22 @@ def test_loss_scale_is_read_from_either_kind_of_deepspeed_fp16_optimizer():
     assert current_loss_scale(SimpleNamespace(loss_scale_config=SimpleNamespace(cur_scale=2.0**16))) == 65536.0
     assert current_loss_scale(SimpleNamespace(cur_scale=1024)) == 1024.0
     assert current_loss_scale(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)) is None
+
+
+def test_after_step_hears_whether_the_step_was_applied(tmp_path, monkeypatch):
+    """fp16's loss scaler can skip a step (DeepSpeed's ``was_step_applied``, read at the accumulation
+    boundary only): the recipe's ``after_step`` gets that flag (MAMO's EMA then holds still)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    verdicts = iter([True, False, True])
+    monkeypatch.setattr(DeepSpeedEngine, "was_step_applied", lambda self: next(verdicts))
+    seen = []
+
+    class Recording(StandInRecipe):
+        def after_step(self, step, applied=True):
+            super().after_step(step, applied)
+            seen.append((step, applied))
+
+    train(stand_in_config(tmp_path, "train.steps=3", "train.grad_accum=2"), build_recipe=Recording,
+          build_loader=StandInLoader, progress=False)
+    assert seen == [(1, True), (2, False), (3, True)]
