@@ -57,8 +57,10 @@ Choices where the paper is vague (all config values):
   forward and ITC, until ``select`` needs the agent; on CPU it runs in order (same results).
 - Sampling seeds depend on (train.seed, step, rank): the masks are reproducible and resume exactly,
   but unlike the recipes' ``global_uniform`` draws they change with the number of processes.
+- The agent's value head reads the mean of the caption's real rows of its last layer, which computes
+  the caption rows only (every head reads the caption; see ``MaskingAgent``).
 - Advantage = G - V(s) with V from the current agent (detached), no normalisation; value loss MSE
-  with weight ``value_coef`` in one Adam step.
+  with weight ``value_coef`` in one Adam step. Rows whose G is not finite (fp16 overflow) are left out.
 - No ITM head (the paper adds only ITC for retrieval); the scorer ranks by ITC (``itm_scores`` is the
   ITC cosine mapped to [0, 1], so eval's re-ranking keeps the ITC order).
 
