@@ -550,7 +550,10 @@ class CurriculumMasking(nn.Module):
         finite = torch.isfinite(r["returns"])
         returns = torch.where(finite, r["returns"], torch.zeros_like(r["returns"]))
         rows = finite.float().sum().clamp(min=1)
-        mean = lambda x: torch.where(finite, x, 0.0).sum() / rows  # noqa: E731  (rows with a finite return)
+
+        def mean(x):  # over the rows with a finite return
+            return torch.where(finite, x, 0.0).sum() / rows
+
         agent.train()
         stats = {}
         with torch.enable_grad():
