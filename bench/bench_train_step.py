@@ -55,6 +55,7 @@ def build_run(label: str, config: str, overrides: list[str], args, world: int, d
     batch, source = fixed_batch(cfg, args.text_len)
     batch = to_engine(batch, engine)
     steps_done = [0]
+    samples = cfg.data.batch_size * cfg.train.grad_accum * world
 
     def step():
         for _ in range(cfg.train.grad_accum):
@@ -63,11 +64,11 @@ def build_run(label: str, config: str, overrides: list[str], args, world: int, d
         engine.recipe.after_step(steps_done[0], applied)
 
     row = {"op": "train_step", "provider": label,
-           "shape": f"{cfg.method.name} {cfg.model.preset} b{cfg.data.batch_size * cfg.train.grad_accum * world} "
-                    f"L{batch.input_ids.shape[1]} {engine.precision} zero{cfg.train.zero_stage}",
+           "shape": f"{cfg.method.name} {cfg.model.preset} b{samples} L{batch.input_ids.shape[1]} "
+                    f"{engine.precision} zero{cfg.train.zero_stage}",
            "config": config, "overrides": overrides, "batch_source": source, "machine": machine(),
            "torch": torch.__version__, "optimizer": engine.optimizer_name,
-           "samples": cfg.data.batch_size * cfg.train.grad_accum * world}
+           "samples": samples}
     return row, step
 
 
@@ -106,11 +107,9 @@ def main(argv=None) -> list[dict]:
         row.update(ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], samples_per_s=row.pop("samples") / t["ms"] * 1e3)
         row[f"overhead_time_vs_{base}"] = t["ratio"]
         row[f"overhead_time_vs_{base}_p20"], row[f"overhead_time_vs_{base}_p80"] = t["ratio_p20"], t["ratio_p80"]
+        rows.append(row)
         if not args.no_memory:
             row["peak_extra_bytes"] = peak_extra_bytes(step, device.type)
-        rows.append(row)
-    for row in rows:
-        if "peak_extra_bytes" in row:
             row[f"overhead_memory_vs_{base}"] = row["peak_extra_bytes"] / rows[0]["peak_extra_bytes"]
     print_table(rows)
     for row in rows:

@@ -125,10 +125,11 @@ def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 
 
 def weights_fingerprint(module: nn.Module) -> torch.Tensor:
-    """int64 scalar: the first 8 bytes of a SHA-256 over every parameter and buffer of ``module`` (name,
-    dtype, shape and bytes, in name order). Equal for the same weights, different for any change."""
+    """int64 scalar: the first 8 bytes of a SHA-256 over every buffer of ``module`` (name, dtype, shape
+    and bytes, in name order; after ``freeze_as_buffers`` its weights are buffers). Equal for the same
+    weights, different for any change."""
     digest = hashlib.sha256()
-    tensors = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers())}
+    tensors = dict(module.named_buffers())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

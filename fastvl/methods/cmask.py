@@ -259,7 +259,7 @@ class CMask(Recipe):
 
     def after_step(self, step: int, applied: bool = True) -> None:
         # the agent learns even when fp16 skipped the main model's step: its own fp32 update does not
-        # depend on the main gradients, and ``finish`` already dropped an episode without a finite return
+        # depend on the main gradients, and ``ppo_update`` leaves out rows without a finite return
         super().after_step(step, applied)
         self.curriculum.learn()
 
