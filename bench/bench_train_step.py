@@ -15,6 +15,8 @@ to every run. One process. Each run's batch is the first batch of its ``data.tra
 exists (else a seeded random batch of the same shape), reused every step, so the number is the model
 + optimizer cost without data loading; each step advances the recipe's step counter (``after_step``)
 as training does. Prints a table and one JSON row per run, appended to bench/results/train_step.jsonl.
+``--time-calls module:Qualified.name ...`` also reports the ms per step each run spends inside those
+functions (where an overhead goes; ``harness.CallTimer``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import machine, peak_extra_bytes, print_table, save_rows, time_interleaved
+from bench.harness import CallTimer, machine, peak_extra_bytes, print_table, save_rows, time_interleaved
 from fastvl.config import load_config
 from fastvl.data.batch import Batch
 
@@ -82,6 +84,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--text-len", type=int, default=24, help="caption tokens of the random batch")
     parser.add_argument("--no-memory", action="store_true", help="skip the (slow on CPU) profiler memory pass")
+    parser.add_argument("--time-calls", nargs="+", default=[], metavar="MODULE:QUALNAME",
+                        help="also report the ms per step spent inside these functions or methods, e.g. "
+                             "fastvl.masking.curriculum:CurriculumMasking.ppo_update (nested calls count in both)")
     args = parser.parse_args(argv)
     runs = args.runs or [DEFAULT_RUN]
     if any(len(run) < 2 for run in runs):
@@ -98,8 +103,9 @@ def main(argv=None) -> list[dict]:
     if len(set(labels)) != len(labels):
         parser.error(f"--run labels must differ, got {labels}")
     built = {label: build_run(label, config, shared + extra, args, world, device) for label, config, *extra in runs}
-    timing = time_interleaved({label: step for label, (_, step) in built.items()}, warmup=args.warmup,
-                              reps=args.steps)
+    calls = CallTimer(args.time_calls)
+    timing = time_interleaved({label: calls.wrap(label, step, skip=args.warmup) for label, (_, step) in built.items()},
+                              warmup=args.warmup, reps=args.steps)
     rows = []
     base = labels[0]
     for label, (row, step) in built.items():
@@ -107,11 +113,16 @@ def main(argv=None) -> list[dict]:
         row.update(ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], samples_per_s=row.pop("samples") / t["ms"] * 1e3)
         row[f"overhead_time_vs_{base}"] = t["ratio"]
         row[f"overhead_time_vs_{base}_p20"], row[f"overhead_time_vs_{base}_p80"] = t["ratio_p20"], t["ratio_p80"]
+        if args.time_calls:
+            row["ms_per_step_in"] = calls.per_step(label)
         rows.append(row)
         if not args.no_memory:
             row["peak_extra_bytes"] = peak_extra_bytes(step, device.type)
             row[f"overhead_memory_vs_{base}"] = row["peak_extra_bytes"] / rows[0]["peak_extra_bytes"]
     print_table(rows)
+    for row in rows:
+        for target, ms in row.get("ms_per_step_in", {}).items():
+            print(f"  {row['provider']}: {ms:.2f} ms per step in {target}")
     for row in rows:
         print(json.dumps(row))
     save_rows("train_step", rows)

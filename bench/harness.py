@@ -4,6 +4,8 @@ A benchmark script only builds its cases (a callable per provider) and calls ``r
 are printed as a table and appended as JSON lines to ``bench/results/<op>.jsonl`` keyed by op,
 provider, shape and machine.
 """
+import functools
+import importlib
 import json
 import os
 import platform
@@ -54,6 +56,61 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps
 def _summary(values: list[float], key: str) -> dict:
     q = statistics.quantiles(values, n=5) if len(values) >= 2 else values * 4
     return {key: statistics.median(values), f"{key}_p20": q[0], f"{key}_p80": q[-1]}
+
+
+class CallTimer:
+    """Host wall time spent inside named functions, per step of each labelled callable: where a
+    run's time goes. ``targets`` are ``module:Qualified.name`` (a function or a method), patched where
+    named (a function imported by name elsewhere must be named there); nested calls count in both.
+    ``wrap(label, fn, skip)`` counts the calls made during ``fn()`` after its first ``skip`` calls (the
+    warm-up). On CUDA it times launches unless the function synchronizes."""
+
+    def __init__(self, targets: list[str]):
+        self.targets = list(targets)
+        self.ms: dict[str, dict[str, float]] = {}
+        self.steps: dict[str, int] = {}
+        self.active: str | None = None
+        for target in targets:
+            module, _, qualname = target.partition(":")
+            if not qualname:
+                raise ValueError(f"--time-calls wants module:Qualified.name, got {target!r}")
+            owner = importlib.import_module(module)
+            *path, name = qualname.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            setattr(owner, name, self._timed(target, getattr(owner, name)))
+
+    def _timed(self, target: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if self.active is None:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                per_target = self.ms.setdefault(self.active, {})
+                per_target[target] = per_target.get(target, 0.0) + (time.perf_counter() - t0) * 1e3
+        return timed
+
+    def wrap(self, label: str, fn: Callable[[], object], skip: int = 0) -> Callable[[], object]:
+        calls = [0]
+
+        def counted():
+            calls[0] += 1
+            if calls[0] <= skip:
+                return fn()
+            self.active, self.steps[label] = label, self.steps.get(label, 0) + 1
+            try:
+                return fn()
+            finally:
+                self.active = None
+        return counted
+
+    def per_step(self, label: str) -> dict[str, float]:
+        """Mean ms per counted step inside each target (0 for targets not called)."""
+        steps = max(self.steps.get(label, 0), 1)
+        return {target: self.ms.get(label, {}).get(target, 0.0) / steps for target in self.targets}
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
