@@ -34,12 +34,15 @@ Hosted mode (``attach_host``, used when another recipe such as MAMO names ``text
 the policy drives itself from that recipe's masking call; see ``attach_host``.
 
 Schedule (``update_delay``): masks for batch t are sampled at the start of forward(t) by the agent
-with its parameters after all updates so far; after the optimizer step of batch t the agent learns
-from batch t's rollout (delay 0) or from batch t-1's (delay 1, default: the paper's parallel agent
-learns one batch behind; the rollout of batch t then waits, checkpointed, for step t+1). On CUDA the
-PPO update runs on a side stream, beside the main model's next steps up to the point where the agent is
-read again (the next ``select``, a checkpoint); on CPU everything runs in order. The streams only change
-when work runs, never what it computes.
+with its parameters after all updates so far. With delay 1 (default, the paper's parallel agent, which
+learns one batch behind) the PPO update on batch t-1's rollout starts right after that sampling, from
+the same parameters, while the main model trains on batch t; batch t's rollout waits, checkpointed, for
+the next selection. With delay 0 the agent learns from batch t's rollout as soon as its reward is in.
+On CUDA the update runs on a side stream beside the main model until the agent is read again (the next
+``select``, a checkpoint); on CPU everything runs in order. The streams only change when work runs,
+never what it computes. The agent learns on steps that fp16 skipped too: its fp32 update does not
+depend on the main gradients, and rows without a finite return are left out (``ppo_update``). With
+gradient accumulation every micro-batch is a batch here.
 """
 from __future__ import annotations
 
@@ -50,12 +53,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from fastvl_kernels import SpanSample, sample_spans, span_action_log_prob, value_weighted_topk_reward
 
 from ..config import ConfigError, RunConfig
 from ..dist import rank_and_world
+from ..models.attention import merge_heads, split_heads
 from ..models.bert import BertLayer
 from ..models.init import init_weights
 from .text import IGNORE_INDEX, TextMask
@@ -91,7 +96,8 @@ class CurriculumOptions:
     ppo_epochs: int = 1
     """PPO passes over each whole-batch rollout (paper: whole-batch updates, no minibatches)."""
     update_delay: int = 1
-    """0: learn from batch t after step t; 1: learn from batch t-1 (parallel-agent schedule)."""
+    """0: learn from batch t once its reward is in; 1: learn from batch t-1 while the main model
+    trains on batch t (parallel-agent schedule)."""
     reward_topk: int = 8
     reward_layer_norm: str = "running"
     reward_norm_momentum: float = 0.99
@@ -147,8 +153,11 @@ class MaskingAgent(nn.Module):
 
     Every layer is joint self-attention over ``[image | text]``; the last one computes the caption rows
     only (queries = caption, keys/values = all rows, the same weights), because every head reads the
-    caption: the action heads per word and the value head as the mean of the caption's real rows. That
-    last layer's image rows would be dead work (about half the agent's compute with one layer)."""
+    caption: the action heads per word and the value head as the mean of the caption's real rows. Its
+    row-wise work (output projection, FFN, heads) runs on the real caption rows only, packed, on CPU
+    (``pack_rows``): padded rows are never read. With one layer the image rows give only that layer's
+    keys and values, so ``image_in`` is folded into their projection. All of it is exact: the outputs
+    at the real rows equal those of the full joint layer stack (tested)."""
 
     def __init__(self, image_width: int, text_width: int, width: int, heads: int, intermediate: int, layers: int):
         super().__init__()
@@ -158,25 +167,60 @@ class MaskingAgent(nn.Module):
         self.layers = nn.ModuleList(BertLayer(width, heads, intermediate, "sdpa", 0.0) for _ in range(layers))
         self.action_heads = nn.Linear(width, 3)  # start logit, continuation logit, order score
         self.value_head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+        # the last layer's row-wise work on the real caption rows only; None = on CPU only (counting the
+        # rows is a host sync on CUDA, where padded rows cost little beside the main model)
+        self.pack_rows: Optional[bool] = None
         self.apply(init_weights)
 
     def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor, text_padding: torch.Tensor) -> AgentOutput:
-        b, n_img = image_feats.shape[:2]
-        x = torch.cat([self.image_in(image_feats.float()) + self.modality[0],
-                       self.text_in(text_feats.float()) + self.modality[1]], dim=1)
-        padding = torch.cat([text_padding.new_ones(b, n_img), text_padding], 1).bool()
-        for layer in self.layers[:-1]:
-            x = layer(x, padding)
-        if len(self.layers):
-            last = self.layers[-1]
-            text = last.attention(x[:, n_img:], padding, context=x)
-            text = last.output(last.intermediate(text), text)
-        else:
+        b, n_img, length = image_feats.shape[0], image_feats.shape[1], text_feats.shape[1]
+        real = text_padding.bool()
+        text = self.text_in(text_feats.float()) + self.modality[1]
+        image_kv = None
+        if len(self.layers) == 1:
+            # the image rows only give this layer's keys and values: one projection straight from the features
+            kv_weight, kv_bias = self._kv_projection(self.layers[0])
+            image_kv = F.linear(image_feats.float(), kv_weight @ self.image_in.weight,
+                                kv_weight @ (self.image_in.bias + self.modality[0]) + kv_bias)
+        elif len(self.layers) > 1:
+            x = torch.cat([self.image_in(image_feats.float()) + self.modality[0], text], dim=1)
+            padding = torch.cat([real.new_ones(b, n_img), real], 1)
+            for layer in self.layers[:-1]:
+                x = layer(x, padding)
+            image_kv = F.linear(x[:, :n_img], *self._kv_projection(self.layers[-1]))
             text = x[:, n_img:]
-        start, cont, order = self.action_heads(text).unbind(-1)
-        weights = text_padding.float().unsqueeze(-1)
-        pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1)
+        pack = self.pack_rows if self.pack_rows is not None else not text.is_cuda
+        rows = real.flatten().nonzero().squeeze(1) if pack else torch.arange(real.numel(), device=real.device)
+        caption = self._caption_rows(text, image_kv, real, rows)  # [rows, W]
+        actions = caption.new_zeros(b * length, 3).index_copy(0, rows, self.action_heads(caption))
+        start, cont, order = actions.view(b, length, 3).unbind(-1)
+        weights = real.flatten()[rows].float().unsqueeze(-1)  # 1 for every packed row; 0 at padding otherwise
+        pooled = caption.new_zeros(b, caption.shape[1]).index_add(0, rows // length, caption * weights)
+        pooled = pooled / real.sum(1, keepdim=True).clamp(min=1)
         return AgentOutput(start, cont, order, self.value_head(pooled).squeeze(-1))
+
+    @staticmethod
+    def _kv_projection(layer: BertLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = layer.attention.self
+        return torch.cat([attn.key.weight, attn.value.weight]), torch.cat([attn.key.bias, attn.value.bias])
+
+    def _caption_rows(self, text, image_kv, real, rows) -> torch.Tensor:
+        """The last layer at the caption ``rows`` (flat indices into [B, L]): queries from the caption,
+        keys/values from ``[image | caption]`` (``image_kv`` = the image rows' projections). No layers:
+        the projected text itself."""
+        if not len(self.layers):
+            return text.flatten(0, 1).index_select(0, rows)
+        last = self.layers[-1]
+        attn, width = last.attention.self, text.shape[-1]
+        kv_weight, kv_bias = self._kv_projection(last)
+        qkv = F.linear(text, torch.cat([attn.query.weight, kv_weight]), torch.cat([attn.query.bias, kv_bias]))
+        query, text_kv = qkv.split([width, 2 * width], -1)
+        key, value = torch.cat([image_kv, text_kv], 1).split(width, -1)
+        padding = torch.cat([real.new_ones(real.shape[0], image_kv.shape[1]), real], 1)
+        attended = attn.attend(*(split_heads(t, attn.heads) for t in (query, key, value)), padding)
+        attended, residual = (t.flatten(0, 1).index_select(0, rows) for t in (merge_heads(attended), text))
+        hidden = last.attention.output(attended, residual)
+        return last.output(last.intermediate(hidden), hidden)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,14 +301,12 @@ class Rollout:
     text_feats: torch.Tensor
     text_padding: torch.Tensor
     lengths: torch.Tensor  # [B] words per caption (the action space: caption columns 1..length)
-    sample: SpanSample  # over the word columns [B, L-1]
-    old_log_prob: torch.Tensor
+    sample: SpanSample  # over the word columns [B, L-1]; its log_prob is the behaviour policy's (PPO's old)
     returns: Optional[torch.Tensor] = None
     step: int = 0
 
     def tensors(self) -> list[torch.Tensor]:
-        fields = [self.image_feats, self.text_feats, self.text_padding, self.lengths, *self.sample,
-                  self.old_log_prob, self.returns]
+        fields = [self.image_feats, self.text_feats, self.text_padding, self.lengths, *self.sample, self.returns]
         return [t for t in fields if isinstance(t, torch.Tensor)]
 
 
@@ -295,6 +337,7 @@ class CurriculumMasking(nn.Module):
         self.reward_scale: Optional[torch.Tensor] = None  # running per-layer means ("running")
         self.pending: list[Rollout] = []  # rollouts with returns, waiting for ``learn``
         self.last_metrics: dict[str, torch.Tensor] = {}
+        self.unpublished_metrics: dict[str, torch.Tensor] = {}  # of a PPO update not yet joined
         self.last_random_return: Optional[torch.Tensor] = None
         self.side_stream = None  # CUDA only: where ``learn`` runs; see ``join``
 
@@ -342,33 +385,29 @@ class CurriculumMasking(nn.Module):
         """Sample masks + order for a batch from the shared features (detached here). ``random=True``
         samples the same-quota random baseline (uniform starts, same span/order modes without learning)."""
         o = self.options
-        self.join()
-        if o.learns:
-            image_feats, text_feats = image_feats.detach().float(), text_feats.detach().float()
+        random = random or not o.learns  # nothing comes from the agent: skip its forward
         padding = attention_mask.bool()
         lengths = self.action_space(attention_mask)
+        order = o.order
         with torch.no_grad():
-            if o.learns:
-                p, s, q = self.distributions(self.agent(image_feats, text_feats, padding), lengths)
-            else:  # nothing comes from the agent: skip its forward
-                random = True
-                p = s = torch.zeros(attention_mask.shape[0], attention_mask.shape[1] - 1, device=attention_mask.device)
-                q = None
-            order = o.order
             if random:
-                p = (torch.arange(p.shape[1], device=p.device) < lengths[:, None]).float()
-                s = torch.full_like(s, o.random_span_prob) if o.spans != "none" else torch.zeros_like(s)
+                p = (torch.arange(attention_mask.shape[1] - 1, device=padding.device) < lengths[:, None]).float()
+                s = torch.full_like(p, o.random_span_prob) if o.spans != "none" else torch.zeros_like(p)
                 order, q = ("random" if o.order == "learned" else o.order), None
+            else:
+                self.join()
+                image_feats, text_feats = image_feats.detach().float(), text_feats.detach().float()
+                p, s, q = self.distributions(self.agent(image_feats, text_feats, padding), lengths)
             sample = sample_spans(p, s, lengths, o.quota, self.sample_seed(step, 1 if random else 0),
                                   order_scores=q, order=order)
-            old_log_prob, _ = span_action_log_prob(p, s, lengths, o.quota, sample, order_scores=q, order=order)
         b, length = attention_mask.shape
         mask = torch.zeros(b, length, dtype=torch.bool, device=attention_mask.device)
         steps = torch.zeros(b, length, dtype=torch.long, device=attention_mask.device)
         mask[:, 1:] = sample.mask
         steps[:, 1:] = sample.step
-        rollout = None if (random or not o.learns) else Rollout(image_feats, text_feats, padding, lengths, sample,
-                                                                 old_log_prob, step=step)
+        rollout = None if random else Rollout(image_feats, text_feats, padding, lengths, sample, step=step)
+        if not random and self.training:
+            self.learn()  # with update_delay=1: batch t-1's rollout, with the parameters that just sampled batch t
         return MaskChoice(mask, steps, rollout, sample.entropy)
 
     def forward(self, batch, step: int) -> TextMask:
@@ -385,12 +424,13 @@ class CurriculumMasking(nn.Module):
     def attach_host(self, recipe, special, text_view_last: bool = True) -> None:
         """Drive the agent from inside ``recipe``'s text masking call (MAMO: ``method.text_masking=
         "curriculum"``). Per call t: (1) the episode of call t-1 is closed with the reward its fusion
-        forward produced and queued, and due rollouts are learned (PPO); (2) the shared features of
+        forward produced and queued (learned at once with ``update_delay=0``); (2) the shared features of
         batch t are computed under no_grad from ``recipe.backbone`` (ViT output + text encoder output,
-        the ALBEF mount); (3) the agent samples the mask ([MASK] in place, one step); (4) a one-shot
-        observer is armed on the fusion encoder's self-attention: the next ``fusion layers`` calls give
-        the reward, reading the last B rows of the fused batch (MAMO fuses its two views as
-        ``cat([image view, text view])``) with the image tokens first and the caption last."""
+        the ALBEF mount); (3) the agent samples the mask ([MASK] in place, one step), then learns from
+        the queued episode (PPO, ``select``); (4) a one-shot observer is armed on the fusion encoder's
+        self-attention: the next ``fusion layers`` calls give the reward, reading the last B rows of the
+        fused batch (MAMO fuses its two views as ``cat([image view, text view])``) with the image tokens
+        first and the caption last."""
         object.__setattr__(self, "host", recipe)
         self.special = special
         self.text_view_last = text_view_last
@@ -406,8 +446,6 @@ class CurriculumMasking(nn.Module):
 
     def host_step(self, batch, step: int) -> TextMask:
         self._close_episode()
-        if self.host.training:
-            self.learn()
         bb = self.host.backbone
         with torch.no_grad():
             image_feats = bb.encode_image(batch.images)
@@ -486,28 +524,30 @@ class CurriculumMasking(nn.Module):
                               None if self.reward_scale is None else self.reward_scale.to(layers.device))
 
     def finish(self, choice: MaskChoice, returns: torch.Tensor) -> None:
-        """Attach G [B] to the rollout of ``choice`` and queue it for ``learn``."""
+        """Attach G [B] to the rollout of ``choice`` and queue it for ``learn`` (at once with
+        ``update_delay=0``, else after the next selection)."""
         if choice.rollout is None or not self.options.learns:
             return
         choice.rollout.returns = returns.detach().float()
         self.pending.append(choice.rollout)
+        if self.options.update_delay == 0:
+            self.learn()
 
     # -- learning -------------------------------------------------------------------------------
 
-    def learn(self) -> dict[str, torch.Tensor]:
-        """PPO on the queued rollouts that are due (all but the newest ``update_delay``). On CUDA this
-        is queued on the side stream and returns at once; ``join`` makes the main stream wait for it."""
-        due = []
-        while len(self.pending) > self.options.update_delay:
-            due.append(self.pending.pop(0))
+    def learn(self) -> None:
+        """PPO on every queued rollout. Called by ``select`` right after it sampled, so the update
+        starts from the parameters that just acted and can run while the main model trains on that
+        batch, and by ``finish`` with ``update_delay=0``. On CUDA it is queued on the side stream and
+        returns at once; on CPU it runs in order. ``join`` publishes its statistics, so what a step logs
+        does not depend on where the update ran."""
+        due, self.pending = self.pending, []
         if not due:
-            return {}
+            return
         device = next(self.agent.parameters()).device
         with self._beside_main(device, due):
             for rollout in due:
-                metrics = self.ppo_update(rollout)
-        self.last_metrics = {**self.last_metrics, **metrics}  # keeps e.g. the hosted mode's "reward"
-        return metrics
+                self.unpublished_metrics = self.ppo_update(rollout)
 
     @contextlib.contextmanager
     def _beside_main(self, device: torch.device, rollouts: list[Rollout]):
@@ -528,9 +568,12 @@ class CurriculumMasking(nn.Module):
                 t.record_stream(self.side_stream)
 
     def join(self) -> None:
-        """Make the current CUDA stream wait for the agent's queued learning (no-op on CPU)."""
+        """Make the current CUDA stream wait for the agent's queued learning, then publish its
+        statistics to ``last_metrics``."""
         if self.side_stream is not None:
             torch.cuda.current_stream(self.side_stream.device).wait_stream(self.side_stream)
+        # merged: keeps e.g. the hosted mode's "reward"
+        self.last_metrics, self.unpublished_metrics = {**self.last_metrics, **self.unpublished_metrics}, {}
 
     def ppo_update(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Whole-batch PPO (appendix E). With r = exp(log pi(a|s) - log pi_old(a|s)), A = G - V(s):
@@ -545,7 +588,7 @@ class CurriculumMasking(nn.Module):
         agent, optimizer = self.agent, self.agent_optimizer
         device = next(agent.parameters()).device
         r = {k: getattr(rollout, k).to(device) for k in ("image_feats", "text_feats", "text_padding", "lengths",
-                                                           "old_log_prob", "returns")}
+                                                           "returns")}
         sample = SpanSample(*(t.to(device) for t in rollout.sample))
         finite = torch.isfinite(r["returns"])
         returns = torch.where(finite, r["returns"], torch.zeros_like(r["returns"]))
@@ -563,7 +606,7 @@ class CurriculumMasking(nn.Module):
                 log_prob, entropy = span_action_log_prob(p, s, r["lengths"], o.quota, sample, order_scores=q,
                                                          order=o.order)
                 advantage = returns - out.value.detach()
-                ratio = torch.exp(log_prob - r["old_log_prob"])
+                ratio = torch.exp(log_prob - sample.log_prob)
                 clipped = ratio.clamp(1 - o.ppo_clip, 1 + o.ppo_clip)
                 policy_loss = -mean(torch.minimum(ratio * advantage, clipped * advantage))
                 value_loss = mean((out.value - returns) ** 2)
@@ -587,8 +630,7 @@ class CurriculumMasking(nn.Module):
         def rollout_state(ro: Rollout) -> dict:
             return {"image_feats": cpu(ro.image_feats), "text_feats": cpu(ro.text_feats),
                     "text_padding": cpu(ro.text_padding), "lengths": cpu(ro.lengths),
-                    "sample": [cpu(t) for t in ro.sample], "old_log_prob": cpu(ro.old_log_prob),
-                    "returns": cpu(ro.returns), "step": ro.step}
+                    "sample": [cpu(t) for t in ro.sample], "returns": cpu(ro.returns), "step": ro.step}
 
         return {"agent": {k: cpu(v) for k, v in self.agent.state_dict().items()},
                 "optimizer": self.agent_optimizer.state_dict(),
@@ -606,7 +648,7 @@ class CurriculumMasking(nn.Module):
         scale = state["reward_scale"]
         self.reward_scale = None if scale is None else scale.to(device)
         self.pending = [Rollout(ro["image_feats"], ro["text_feats"], ro["text_padding"], ro["lengths"],
-                                SpanSample(*ro["sample"]), ro["old_log_prob"], ro["returns"], ro["step"])
+                                SpanSample(*ro["sample"]), ro["returns"], ro["step"])
                         for ro in state["pending"]]
         self.last_metrics = dict(state.get("last_metrics", {}))
         self.last_random_return = state.get("last_random_return")

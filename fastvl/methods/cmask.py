@@ -50,11 +50,12 @@ Choices where the paper is vague (all config values):
 - Layerwise normalisation: a running mean per layer (``reward_layer_norm="running"``), see
   ``masking/curriculum.py``.
 - Schedule: masks of batch t are sampled at the start of forward(t) by the agent after the updates
-  so far; PPO learns from batch t-1's rollout after step t (``update_delay=1``), or from batch t
-  (``update_delay=0``). The waiting rollout (its masks, order, log-probs, returns and the agent's
-  inputs) is checkpointed with the agent and its optimizer (``get_extra_state`` of the policy). On CUDA
-  the PPO update is queued on a side stream after step t and runs beside step t+1's shared-layer
-  forward and ITC, until ``select`` needs the agent; on CPU it runs in order (same results).
+  so far; right after, PPO learns from batch t-1's rollout (``update_delay=1``) with the parameters
+  that just sampled; with ``update_delay=0`` it learns from batch t once its reward is in. The waiting
+  rollout (its masks, order, log-probs, returns and the agent's inputs) is checkpointed with the agent
+  and its optimizer (``get_extra_state`` of the policy). On CUDA the PPO update is queued on a side
+  stream and runs beside the rest of step t (the GLM forward, backward and optimizer step) and step
+  t+1's shared-layer forward, until ``select`` needs the agent; on CPU it runs in order (same results).
 - Sampling seeds depend on (train.seed, step, rank): the masks are reproducible and resume exactly,
   but unlike the recipes' ``global_uniform`` draws they change with the number of processes.
 - The agent's value head reads the mean of the caption's real rows of its last layer, which computes
@@ -256,12 +257,6 @@ class CMask(Recipe):
             metrics.update(self.curriculum.agent_metrics())
         metrics["temperature"] = self.temperature
         return self.total(losses, metrics)
-
-    def after_step(self, step: int, applied: bool = True) -> None:
-        # the agent learns even when fp16 skipped the main model's step: its own fp32 update does not
-        # depend on the main gradients, and ``ppo_update`` leaves out rows without a finite return
-        super().after_step(step, applied)
-        self.curriculum.learn()
 
     @property
     def scorer(self):

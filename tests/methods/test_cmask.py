@@ -259,14 +259,18 @@ def chosen_log_prob(curriculum, rollout):
                                     order_scores=q, order=curriculum.options.order)
 
 
-@pytest.mark.parametrize("layers", [1, 3])
-def test_agent_last_layer_computes_exactly_the_joint_caption_rows(layers):
-    """The agent's last layer runs only the caption rows: they must equal the caption rows of the full
-    joint layer over [image | text], with padded words excluded as keys."""
+@pytest.mark.parametrize("pack_rows", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("layers", [0, 1, 3])
+def test_agent_last_layer_computes_exactly_the_joint_caption_rows(layers, pack_rows):
+    """The agent's last layer runs only the caption rows (packed: only the real ones; with one layer
+    the image projection folded into its keys/values): they must equal the caption rows of the full
+    joint layer stack over [image | text], with padded words excluded as keys; and so must the gradients
+    of every agent parameter (PPO trains through this path)."""
     from fastvl.masking.curriculum import MaskingAgent
 
     torch.manual_seed(layers)
     agent = MaskingAgent(24, 16, 32, 4, 64, layers).eval()
+    agent.pack_rows = pack_rows
     image, text = torch.randn(3, 5, 24), torch.randn(3, 7, 16)
     text_padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]]).bool()
     out = agent(image, text, text_padding)
@@ -281,6 +285,16 @@ def test_agent_last_layer_computes_exactly_the_joint_caption_rows(layers):
     for got, want in zip((out.start_logits, out.cont_logits, out.order_scores), (start, cont, order)):
         torch.testing.assert_close(got[text_padding], want[text_padding], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.value, value, rtol=1e-5, atol=1e-5)
+
+    def grads(start, cont, order, value):
+        weights = torch.randn(3, *start.shape, generator=torch.Generator().manual_seed(1))
+        loss = sum((w * t)[text_padding].sum() for w, t in zip(weights, (start, cont, order))) + value.sum()
+        return torch.autograd.grad(loss, list(agent.parameters()), materialize_grads=True)
+
+    names = [name for name, _ in agent.named_parameters()]
+    got = grads(out.start_logits, out.cont_logits, out.order_scores, out.value)
+    for name, g, w in zip(names, got, grads(start, cont, order, value)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_ppo_with_positive_advantage_raises_the_chosen_action():
@@ -317,7 +331,7 @@ def test_ppo_leaves_out_rows_without_a_finite_return():
     rest = dataclasses.replace(
         rollout, image_feats=rollout.image_feats[1:], text_feats=rollout.text_feats[1:],
         text_padding=rollout.text_padding[1:], lengths=rollout.lengths[1:],
-        sample=SpanSample(*(t[1:] for t in rollout.sample)), old_log_prob=rollout.old_log_prob[1:],
+        sample=SpanSample(*(t[1:] for t in rollout.sample)),
         returns=rollout.returns[1:])
     agents = []
     for r in (poisoned, rest):
@@ -370,6 +384,39 @@ def test_agent_never_trains_the_backbone_and_learns_one_batch_behind():
     assert all(torch.equal(v, backbone_before[k]) for k, v in recipe.backbone.state_dict().items())
     assert all(p.grad is None for p in recipe.backbone.parameters())  # no main-model gradient from the agent
     assert not any(n.startswith("curriculum") for n, _ in recipe.named_parameters())  # DeepSpeed never sees it
+
+
+@pytest.mark.parametrize("delay", [0, 1])
+def test_ppo_starts_from_the_parameters_that_sampled_the_following_batch(delay, monkeypatch):
+    """The schedule: with update_delay=1 the update on batch t-1's rollout starts from the parameters
+    that sampled batch t (so it can run beside the main model's step t); with 0 the update on batch t
+    starts from the parameters that sampled batch t. A step logs the statistics of an update that
+    finished before it sampled."""
+    recipe = build(seed=7, update_delay=delay).train()
+    curriculum = recipe.curriculum
+    flat = lambda: torch.cat([p.detach().flatten().clone() for p in curriculum.agent.parameters()])  # noqa: E731
+    sampled_with, learned_from = {}, {}
+    select, ppo_update = type(curriculum).select, type(curriculum).ppo_update
+
+    def recording_select(self, image_feats, text_feats, attention_mask, step, random=False):
+        if not random:  # not the random-mask diagnostic
+            sampled_with[step] = flat()
+        return select(self, image_feats, text_feats, attention_mask, step, random=random)
+
+    def recording_update(self, rollout):
+        learned_from[rollout.step] = flat()
+        return ppo_update(self, rollout)
+
+    monkeypatch.setattr(type(curriculum), "select", recording_select)
+    monkeypatch.setattr(type(curriculum), "ppo_update", recording_update)
+    logged = []
+    for step in range(4):
+        logged.append(float(recipe(make_batch(step))["agent_value_loss"]))
+        recipe.after_step(step + 1)
+    assert sorted(learned_from) == list(range(4 - delay))
+    for step, params in learned_from.items():
+        assert torch.equal(params, sampled_with[step + delay])
+    assert logged[:1 + delay] == [0.0] * (1 + delay) and all(v > 0 for v in logged[1 + delay:])
 
 
 def test_state_dict_restores_agent_optimizer_and_pending_rollout():
@@ -430,8 +477,9 @@ def test_curriculum_drives_mamos_text_view():
         # the one-shot observer saw exactly the text view's fused pass and disarmed itself
         assert len(policy.armed[1].layers) == len(policy._fusion_attention())
         assert all(m.observer is None for m in recipe.backbone.modules() if hasattr(m, "observer"))
-    # episodes 1 and 2 were closed (and, with update_delay=1, episode 1 learned) by the following calls
-    assert len(policy.pending) == 1 and "agent_value_loss" in policy.last_metrics
+    # episodes 1 and 2 were closed by the following calls and learned right after those calls sampled
+    # (update_delay=1); episode 3 waits for its reward
+    assert not policy.pending and policy.armed is not None and "agent_value_loss" in policy.last_metrics
     # the host logs the policy's report: the return of the episode closed at step 3, the PPO statistics
     logged = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("text_masking/")}
     assert set(logged) == {"reward", "agent_value_loss", "agent_policy_loss", "agent_entropy",
