@@ -60,7 +60,8 @@ def build_run(label: str, config: str, overrides: list[str], args, world: int, d
     samples = cfg.data.batch_size * cfg.train.grad_accum * world
 
     def step():
-        for _ in range(cfg.train.grad_accum):
+        for micro in range(cfg.train.grad_accum):
+            engine.recipe.micro_batch = micro
             applied = engine.backward_and_step(engine.ds(batch)["loss"])
         steps_done[0] += 1
         engine.recipe.after_step(steps_done[0], applied)

@@ -54,7 +54,7 @@ class Albef(Recipe):
     def matching(self, image_states, text_states, attention_mask, sim_i2t, sim_t2i) -> torch.Tensor:
         if self.cfg.method.itm_negatives == "random":  # equal weights: uniform over the other pairs
             sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
-        u = global_uniform(image_states.shape[0], (2,), seed=self.cfg.train.seed, step=self.current_step,
+        u = global_uniform(image_states.shape[0], (2,), seed=self.cfg.train.seed, step=self.draw_step,
                            stream=ITM_STREAM, device=image_states.device)
         return itm_loss(self.fuse_cls, self.backbone.itm_logits, image_states, text_states, attention_mask,
                         sim_i2t, sim_t2i, u)
@@ -70,7 +70,7 @@ class Albef(Recipe):
         return losses
 
     def masked_lm(self, batch: Batch, image_states: torch.Tensor) -> torch.Tensor:
-        masked = self.text_masking(batch, self.current_step)
+        masked = self.text_masking(batch, self.draw_step)
         states = self.backbone.encode_text(masked.input_ids, batch.attention_mask)
         fused = self.backbone.fuse(states, batch.attention_mask, image_states)
         where = masked.mask

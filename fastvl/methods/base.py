@@ -49,10 +49,18 @@ class Recipe(nn.Module):
         # the optimizer step, saved with the weights: random draws are seeded by it (exact resume)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.current_step = 0
+        self.micro_batch = 0  # which micro-batch of the step this forward is (set by the loop)
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_step())
 
     def _sync_step(self) -> None:
         self.current_step = int(self.step)
+
+    @property
+    def draw_step(self) -> int:
+        """The key of this forward's random draws: the step, counted in micro-batches under gradient
+        accumulation so that the micro-batches of one step do not share their masks (the step itself
+        without accumulation)."""
+        return self.current_step * self.cfg.train.grad_accum + self.micro_batch
 
     def uses(self, loss: str) -> bool:
         return self.loss_weights.get(loss, 0.0) > 0

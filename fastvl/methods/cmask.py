@@ -56,8 +56,9 @@ Choices where the paper is vague (all config values):
   and its optimizer (``get_extra_state`` of the policy). On CUDA the PPO update is queued on a side
   stream and runs beside the rest of step t (the GLM forward, backward and optimizer step) and step
   t+1's shared-layer forward, until ``select`` needs the agent; on CPU it runs in order (same results).
-- Sampling seeds depend on (train.seed, step, rank): the masks are reproducible and resume exactly,
-  but unlike the recipes' ``global_uniform`` draws they change with the number of processes.
+- Sampling seeds depend on (train.seed, step, rank), the step counted in micro-batches (``draw_step``):
+  the masks are reproducible and resume exactly, but unlike the recipes' ``global_uniform`` draws they
+  change with the number of processes.
 - The agent's value head reads the mean of the caption's real rows of its last layer, which computes
   the caption rows only (every head reads the caption; see ``MaskingAgent``).
 - Advantage = G - V(s) with V from the current agent (detached), no normalisation; value loss MSE
@@ -215,7 +216,7 @@ class CMask(Recipe):
     def measure_random(self, batch: Batch, image_feats, text_feats, image_states) -> torch.Tensor:
         """Mean G of a random same-quota mask on this batch (no gradient, no scale update)."""
         with torch.no_grad():
-            choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, self.current_step,
+            choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, self.draw_step,
                                             random=True)
             glm = self.glm_inputs(batch, choice)
             _, meter = self.generalized_lm(batch, glm, None if image_states is None else image_states.detach())
@@ -230,7 +231,7 @@ class CMask(Recipe):
         itc, image_feats, text_feats, image_states = self.shared_features(batch, self.uses("itc"))
         if itc is not None:
             losses["itc"] = itc
-        choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, self.current_step)
+        choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, self.draw_step)
         glm = self.glm_inputs(batch, choice)
         # the reward is needed to train the agent or to report it; random masking without either skips it
         measure = o.learns or o.random_reward_every > 0

@@ -272,8 +272,8 @@ class Epic(Recipe):
         return sample_positions(weights, maskable, masked_count(maskable, self.options.mask_ratio), u), saliency
 
     def corrupt(self, batch: Batch, step: Optional[int] = None) -> Corruption:
-        """Eq. 3-7 for this batch at training step ``step`` (default: the current one)."""
-        step = self.current_step if step is None else step
+        """Eq. 3-7 for this batch with the draws of step ``step`` (default: this forward's ``draw_step``)."""
+        step = self.draw_step if step is None else step
         ids, attention_mask = batch.input_ids, batch.attention_mask
         b, length = ids.shape
         # drawn at the full text budget and cut, so a sample's draws do not depend on its batch's padding

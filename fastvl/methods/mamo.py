@@ -197,7 +197,7 @@ class Mamo(Albef):
     # -- the recipe -----------------------------------------------------------------------------
 
     def forward(self, batch: Batch) -> dict:
-        bb, step = self.backbone, self.current_step
+        bb, step = self.backbone, self.draw_step
         aligning = self.uses("itc") or self.uses("itm")
         image_view = self.uses("mim") or self.mrm_on["image"]
         text_view = self.uses("mlm") or self.mrm_on["text"]

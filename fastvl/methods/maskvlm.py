@@ -160,7 +160,7 @@ class MaskVLM(Albef):
         """The MIM loss of eq. 1 for this batch; ``text_states`` are f_txt of the caption (the unmasked
         one in the recipe). ``patch_mask`` defaults to this step's block mask."""
         if patch_mask is None:
-            patch_mask = self.image_masking(len(batch), self.current_step, batch.images.device)
+            patch_mask = self.image_masking(len(batch), self.draw_step, batch.images.device)
         pred = self.predict_pixels(batch.images, patch_mask, text_states, batch.attention_mask)
         return pixel_mim_loss(pred, self.backbone.patchify(batch.images), patch_mask,
                               normalize_target=self.options.normalize_pixel_targets)
@@ -187,9 +187,9 @@ class MaskVLM(Albef):
 
     @torch.no_grad()
     def reconstruct(self, batch: Batch, step: Optional[int] = None) -> Reconstruction:
-        """Mask ``batch.images`` as training step ``step`` would (default: the current step), reconstruct
-        them from the masked images and the captions, and return the pieces of a picture."""
-        step = self.current_step if step is None else step
+        """Mask ``batch.images`` with the draws of step ``step`` (default: this forward's ``draw_step``),
+        reconstruct them from the masked images and the captions, and return the pieces of a picture."""
+        step = self.draw_step if step is None else step
         images = batch.images
         patch_mask = self.image_masking(len(batch), step, images.device)
         text_states = self.backbone.encode_text(batch.input_ids, batch.attention_mask)

@@ -188,7 +188,8 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
         started = time.perf_counter()
         lr = engine.lr()
         try:
-            for _ in range(cfg.train.grad_accum):
+            for micro in range(cfg.train.grad_accum):
+                recipe.micro_batch = micro
                 batch = to_engine(stream.next(), engine)
                 outputs = engine.ds(batch)
                 applied = engine.backward_and_step(outputs["loss"])

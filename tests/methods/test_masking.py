@@ -40,3 +40,31 @@ def test_masking_depends_on_step_and_seed_only():
     a, b, c = policy(ids, mask, step=5), policy(ids, mask, step=5), policy(ids, mask, step=6)
     assert torch.equal(a.input_ids, b.input_ids)
     assert not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_micro_batches_of_one_step_get_their_own_masks():
+    """With gradient accumulation a recipe's forward keys its draws by ``draw_step`` (the step counted
+    in micro-batches): two micro-batches of one step mask the same captions differently, the same
+    micro-batch of the same step the same way."""
+    from fastvl.data.batch import Batch
+
+    from .conftest import build_recipe
+
+    recipe = build_recipe("configs/tiny_albef.json", "train.grad_accum=2")
+    ids, mask = captions(b=8, length=24)
+    batch = Batch(torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0)), ids, mask)
+    policy, seen = recipe.text_masking, []
+
+    def recording(batch, step):
+        out = policy(batch, step)
+        seen.append((step, out.labels))
+        return out
+
+    recipe.text_masking = recording
+    recipe.current_step = 5
+    with torch.no_grad():
+        for micro in (0, 1, 0):
+            recipe.micro_batch = micro
+            recipe(batch)
+    assert [step for step, _ in seen] == [10, 11, 10]
+    assert torch.equal(seen[0][1], seen[2][1]) and not torch.equal(seen[0][1], seen[1][1])

@@ -178,3 +178,21 @@ def test_after_step_hears_whether_the_step_was_applied(tmp_path, monkeypatch):
     train(stand_in_config(tmp_path, "train.steps=3", "train.grad_accum=2"), build_recipe=Recording,
           build_loader=StandInLoader, progress=False)
     assert seen == [(1, True), (2, False), (3, True)]
+
+
+def test_micro_batches_of_one_step_draw_with_their_own_keys(tmp_path):
+    """Under gradient accumulation the draw key counts micro-batches (step * grad_accum + micro), so the
+    micro-batches of one step do not share their masks; without accumulation it is the step."""
+    keys = []
+
+    class Recording(StandInRecipe):
+        def forward(self, batch):
+            keys.append(self.draw_step)
+            return super().forward(batch)
+
+    for name, accum, expected in (("accum", 2, [0, 1, 2, 3, 4, 5]), ("plain", 1, [0, 1, 2])):
+        keys.clear()
+        (tmp_path / name).mkdir()
+        train(stand_in_config(tmp_path / name, "train.steps=3", f"train.grad_accum={accum}"), build_recipe=Recording,
+              build_loader=StandInLoader, progress=False)
+        assert keys == expected, name
