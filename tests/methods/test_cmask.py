@@ -419,6 +419,36 @@ def test_ppo_starts_from_the_parameters_that_sampled_the_following_batch(delay, 
     assert logged[:1 + delay] == [0.0] * (1 + delay) and all(v > 0 for v in logged[1 + delay:])
 
 
+def test_gradient_accumulation_every_micro_batch_is_a_batch_for_the_agent(monkeypatch):
+    """With train.grad_accum=2 each micro-batch has its own draw key (its masks differ from its sibling's
+    on the same captions) and the agent learns one micro-batch behind."""
+    recipe = build("train.grad_accum=2", seed=7).train()
+    curriculum = recipe.curriculum
+    learned, masks = [], []
+    ppo_update, select = type(curriculum).ppo_update, type(curriculum).select
+
+    def recording_update(self, rollout):
+        learned.append(rollout.step)
+        return ppo_update(self, rollout)
+
+    def recording_select(self, *args, **kwargs):
+        choice = select(self, *args, **kwargs)
+        if choice.rollout is not None:  # not the random-mask diagnostic
+            masks.append(choice.mask)
+        return choice
+
+    monkeypatch.setattr(type(curriculum), "ppo_update", recording_update)
+    monkeypatch.setattr(type(curriculum), "select", recording_select)
+    batch = make_batch(3)
+    for step in range(2):
+        for micro in range(2):
+            recipe.micro_batch = micro
+            recipe(batch)
+        recipe.after_step(step + 1)
+    assert learned == [0, 1, 2] and [ro.step for ro in curriculum.pending] == [3]
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[2], masks[3])
+
+
 def test_state_dict_restores_agent_optimizer_and_pending_rollout():
     recipe = build(seed=8).train()
     for step in range(3):
