@@ -61,8 +61,7 @@ def build_run(label: str, config: str, overrides: list[str], args, world: int, d
 
     def step():
         for micro in range(cfg.train.grad_accum):
-            engine.recipe.micro_batch = micro
-            applied = engine.backward_and_step(engine.ds(batch)["loss"])
+            _, applied = engine.train_micro_batch(batch, micro)
         steps_done[0] += 1
         engine.recipe.after_step(steps_done[0], applied)
 

@@ -176,22 +176,26 @@ class MaskingAgent(nn.Module):
         b, n_img, length = image_feats.shape[0], image_feats.shape[1], text_feats.shape[1]
         real = text_padding.bool()
         text = self.text_in(text_feats.float()) + self.modality[1]
-        image_kv = None
-        if len(self.layers) == 1:
-            # the image rows only give this layer's keys and values: one projection straight from the features
-            kv_weight, kv_bias = self._kv_projection(self.layers[0])
-            image_kv = F.linear(image_feats.float(), kv_weight @ self.image_in.weight,
-                                kv_weight @ (self.image_in.bias + self.modality[0]) + kv_bias)
-        elif len(self.layers) > 1:
-            x = torch.cat([self.image_in(image_feats.float()) + self.modality[0], text], dim=1)
-            padding = torch.cat([real.new_ones(b, n_img), real], 1)
-            for layer in self.layers[:-1]:
-                x = layer(x, padding)
-            image_kv = F.linear(x[:, :n_img], *self._kv_projection(self.layers[-1]))
-            text = x[:, n_img:]
         pack = self.pack_rows if self.pack_rows is not None else not text.is_cuda
         rows = real.flatten().nonzero().squeeze(1) if pack else torch.arange(real.numel(), device=real.device)
-        caption = self._caption_rows(text, image_kv, real, rows)  # [rows, W]
+        if not len(self.layers):
+            caption = text.flatten(0, 1).index_select(0, rows)
+        else:
+            attn = self.layers[-1].attention.self
+            kv_weight = torch.cat([attn.key.weight, attn.value.weight])
+            kv_bias = torch.cat([attn.key.bias, attn.value.bias])
+            if len(self.layers) == 1:
+                # the image rows only give this layer's keys and values: one projection straight from the features
+                image_kv = F.linear(image_feats.float(), kv_weight @ self.image_in.weight,
+                                    kv_weight @ (self.image_in.bias + self.modality[0]) + kv_bias)
+            else:
+                x = torch.cat([self.image_in(image_feats.float()) + self.modality[0], text], dim=1)
+                padding = torch.cat([real.new_ones(b, n_img), real], 1)
+                for layer in self.layers[:-1]:
+                    x = layer(x, padding)
+                image_kv = F.linear(x[:, :n_img], kv_weight, kv_bias)
+                text = x[:, n_img:]
+            caption = self._caption_rows(text, image_kv, kv_weight, kv_bias, real, rows)  # [rows, W]
         actions = caption.new_zeros(b * length, 3).index_copy(0, rows, self.action_heads(caption))
         start, cont, order = actions.view(b, length, 3).unbind(-1)
         weights = real.flatten()[rows].float().unsqueeze(-1)  # 1 for every packed row; 0 at padding otherwise
@@ -199,20 +203,12 @@ class MaskingAgent(nn.Module):
         pooled = pooled / real.sum(1, keepdim=True).clamp(min=1)
         return AgentOutput(start, cont, order, self.value_head(pooled).squeeze(-1))
 
-    @staticmethod
-    def _kv_projection(layer: BertLayer) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = layer.attention.self
-        return torch.cat([attn.key.weight, attn.value.weight]), torch.cat([attn.key.bias, attn.value.bias])
-
-    def _caption_rows(self, text, image_kv, real, rows) -> torch.Tensor:
+    def _caption_rows(self, text, image_kv, kv_weight, kv_bias, real, rows) -> torch.Tensor:
         """The last layer at the caption ``rows`` (flat indices into [B, L]): queries from the caption,
-        keys/values from ``[image | caption]`` (``image_kv`` = the image rows' projections). No layers:
-        the projected text itself."""
-        if not len(self.layers):
-            return text.flatten(0, 1).index_select(0, rows)
+        keys/values from ``[image | caption]`` (``image_kv`` = the image rows' projections by the
+        layer's stacked key/value weights ``kv_weight``, ``kv_bias``)."""
         last = self.layers[-1]
         attn, width = last.attention.self, text.shape[-1]
-        kv_weight, kv_bias = self._kv_projection(last)
         qkv = F.linear(text, torch.cat([attn.query.weight, kv_weight]), torch.cat([attn.query.bias, kv_bias]))
         query, text_kv = qkv.split([width, 2 * width], -1)
         key, value = torch.cat([image_kv, text_kv], 1).split(width, -1)
@@ -332,7 +328,8 @@ class CurriculumMasking(nn.Module):
         agent = MaskingAgent(image_width, text_width, width, heads, intermediate, options.agent_layers)
         # held outside the module tree: fp32, own optimizer, invisible to DeepSpeed (see module docstring)
         object.__setattr__(self, "agent", agent)
-        optimizer = torch.optim.Adam(agent.parameters(), lr=options.agent_lr, fused=True)  # one kernel, not one per tensor
+        # fused: one kernel for all parameters, not one per tensor
+        optimizer = torch.optim.Adam(agent.parameters(), lr=options.agent_lr, fused=True)
         object.__setattr__(self, "agent_optimizer", optimizer)
         self.reward_scale: Optional[torch.Tensor] = None  # running per-layer means ("running")
         self.pending: list[Rollout] = []  # rollouts with returns, waiting for ``learn``
@@ -526,7 +523,7 @@ class CurriculumMasking(nn.Module):
     def finish(self, choice: MaskChoice, returns: torch.Tensor) -> None:
         """Attach G [B] to the rollout of ``choice`` and queue it for ``learn`` (at once with
         ``update_delay=0``, else after the next selection)."""
-        if choice.rollout is None or not self.options.learns:
+        if choice.rollout is None:  # the random baseline, or nothing to learn
             return
         choice.rollout.returns = returns.detach().float()
         self.pending.append(choice.rollout)

@@ -49,7 +49,7 @@ class Recipe(nn.Module):
         # the optimizer step, saved with the weights: random draws are seeded by it (exact resume)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.current_step = 0
-        self.micro_batch = 0  # which micro-batch of the step this forward is (set by the loop)
+        self.micro_batch = 0  # which micro-batch of the step this forward is (Engine.train_micro_batch)
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_step())
 
     def _sync_step(self) -> None:

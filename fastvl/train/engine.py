@@ -189,7 +189,7 @@ def deepspeed_config(cfg: RunConfig, precision: str, world_size: int) -> dict:
         "train_batch_size": micro * t.grad_accum * world_size,
         # ZeRO-0 fp32 clips in DeepSpeed's engine.clip_fp32_gradients, whose in-place multiply by a
         # [1]-shaped coefficient fails on 0-dim gradients (a learnable temperature): clip in
-        # Engine.backward_and_step instead. The ZeRO and fp16/bf16 optimizers clip flat buffers.
+        # Engine.train_micro_batch instead. The ZeRO and fp16/bf16 optimizers clip flat buffers.
         "gradient_clipping": 0.0 if trainer_clips(cfg, precision) else t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,
@@ -227,17 +227,20 @@ class Engine:
     def recipe(self) -> nn.Module:
         return self.ds.module
 
-    def backward_and_step(self, loss: torch.Tensor) -> bool:
-        """Backward of one micro-batch and DeepSpeed's step, which updates the weights only at the
-        gradient-accumulation boundary (DeepSpeed scales the loss by 1/grad_accum). Returns True when
-        the weights were updated: False between boundaries and on a step fp16's loss scaler skipped
-        for overflowing gradients."""
+    def train_micro_batch(self, batch, micro: int) -> tuple[dict, bool]:
+        """Forward of micro-batch ``micro`` of the step (the recipe keys its random draws by it), backward
+        and DeepSpeed's step, which updates the weights only at the gradient-accumulation boundary
+        (DeepSpeed scales the loss by 1/grad_accum). Returns the recipe's outputs and whether the
+        weights were updated: False between boundaries and on a step fp16's loss scaler skipped for
+        overflowing gradients."""
+        self.recipe.micro_batch = micro
+        outputs = self.ds(batch)
         boundary = self.ds.is_gradient_accumulation_boundary()
-        self.ds.backward(loss)
+        self.ds.backward(outputs["loss"])
         if boundary and self.trainer_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.recipe.parameters(), self.trainer_clip)
         self.ds.step()
-        return boundary and self.ds.was_step_applied()
+        return outputs, boundary and self.ds.was_step_applied()
 
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])

@@ -189,10 +189,7 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
         lr = engine.lr()
         try:
             for micro in range(cfg.train.grad_accum):
-                recipe.micro_batch = micro
-                batch = to_engine(stream.next(), engine)
-                outputs = engine.ds(batch)
-                applied = engine.backward_and_step(outputs["loss"])
+                outputs, applied = engine.train_micro_batch(to_engine(stream.next(), engine), micro)
                 window.add_micro_batch(outputs)
         except EndOfData:
             break
