@@ -18,7 +18,8 @@ Pieces (each usable on its own, tested in tests/methods/test_cmask.py):
   G = sum_{prediction rows} R + mean_{caption rows} R (eq. in section 3.3).
 - ``CurriculumMasking``: the policy. ``select`` samples an action with ``fastvl_kernels.sample_spans``,
   ``finish`` attaches the return, ``learn`` runs PPO. It is an ``nn.Module`` *without* registered
-  parameters: the agent (fp32, its own Adam) is held outside the module tree so that DeepSpeed neither
+  parameters: the agent (fp32 weights, its own Adam; it computes under autocast in ``agent_precision``,
+  half precision on CUDA by default) is held outside the module tree so that DeepSpeed neither
   optimises nor down-casts it; its parameters, optimizer state, running reward statistics and the
   pending rollout travel in the recipe's ``state_dict`` through ``get_extra_state`` (a uint8 tensor
   of the serialised state, which every checkpoint path handles as an ordinary tensor).
@@ -69,6 +70,7 @@ MASK_SELECTIONS = ("learned", "random")
 SPAN_MODES = ("learned", "random", "none")
 ORDER_MODES = ("learned", "random", "left_to_right", "single")
 LAYER_NORMS = ("running", "batch", "none")
+AGENT_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -103,6 +105,11 @@ class CurriculumOptions:
     reward_norm_momentum: float = 0.99
     random_reward_every: int = 10
     """Every N steps also measure G for a random mask of the same quota on the same batch (0 = never)."""
+    agent_precision: str = "auto"
+    """The agent's compute dtype; its weights and Adam stay fp32. "auto": fp32 on CPU; on CUDA bf16 where
+    supported, else fp16. On CUDA the main model runs in half precision on tensor cores, and an fp32 agent
+    (~15% of the main model's FLOPs at base size) would take longer than the main step it runs beside.
+    "fp16" scales the agent's loss with its own ``torch.amp.GradScaler``."""
 
     def __post_init__(self):
         def check(ok, message):
@@ -125,6 +132,7 @@ class CurriculumOptions:
         check(self.reward_layer_norm in LAYER_NORMS, f"reward_layer_norm must be one of {LAYER_NORMS}")
         check(0.0 <= self.reward_norm_momentum < 1.0, "reward_norm_momentum must be in [0, 1)")
         check(self.random_reward_every >= 0, "random_reward_every must be >= 0")
+        check(self.agent_precision in AGENT_PRECISIONS, f"agent_precision must be one of {AGENT_PRECISIONS}")
 
     @property
     def learns(self) -> bool:
@@ -196,10 +204,11 @@ class MaskingAgent(nn.Module):
                 image_kv = F.linear(x[:, :n_img], kv_weight, kv_bias)
                 text = x[:, n_img:]
             caption = self._caption_rows(text, image_kv, kv_weight, kv_bias, real, rows)  # [rows, W]
-        actions = caption.new_zeros(b * length, 3).index_copy(0, rows, self.action_heads(caption))
+        heads = self.action_heads(caption)  # under autocast the heads' dtype may differ from the caption's
+        actions = heads.new_zeros(b * length, 3).index_copy(0, rows, heads)
         start, cont, order = actions.view(b, length, 3).unbind(-1)
         weights = real.flatten()[rows].float().unsqueeze(-1)  # 1 for every packed row; 0 at padding otherwise
-        pooled = caption.new_zeros(b, caption.shape[1]).index_add(0, rows // length, caption * weights)
+        pooled = weights.new_zeros(b, caption.shape[1]).index_add(0, rows // length, caption.float() * weights)
         pooled = pooled / real.sum(1, keepdim=True).clamp(min=1)
         return AgentOutput(start, cont, order, self.value_head(pooled).squeeze(-1))
 
@@ -217,6 +226,15 @@ class MaskingAgent(nn.Module):
         attended, residual = (t.flatten(0, 1).index_select(0, rows) for t in (merge_heads(attended), text))
         hidden = last.attention.output(attended, residual)
         return last.output(last.intermediate(hidden), hidden)
+
+
+def agent_compute_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``agent_precision`` on ``device``; None = plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +349,7 @@ class CurriculumMasking(nn.Module):
         # fused: one kernel for all parameters, not one per tensor
         optimizer = torch.optim.Adam(agent.parameters(), lr=options.agent_lr, fused=True)
         object.__setattr__(self, "agent_optimizer", optimizer)
+        self.loss_scaler: Optional[torch.amp.GradScaler] = None  # agent_precision fp16 only, on the agent's device
         self.reward_scale: Optional[torch.Tensor] = None  # running per-layer means ("running")
         self.pending: list[Rollout] = []  # rollouts with returns, waiting for ``learn``
         self.last_metrics: dict[str, torch.Tensor] = {}
@@ -348,9 +367,18 @@ class CurriculumMasking(nn.Module):
                 for key, value in s.items():                 # lives on the parameters' device
                     if isinstance(value, torch.Tensor):
                         s[key] = value.to(probe.device)
+            if self.loss_scaler is not None:
+                self.loss_scaler = _grad_scaler(probe.device, self.loss_scaler.state_dict())
         return super()._apply(fn, recurse)
 
     # -- acting ---------------------------------------------------------------------------------
+
+    def run_agent(self, image_feats: torch.Tensor, text_feats: torch.Tensor, padding: torch.Tensor) -> AgentOutput:
+        """The agent's forward in its compute dtype (``agent_precision``, autocast over fp32 weights)."""
+        device = next(self.agent.parameters()).device
+        dtype = agent_compute_dtype(self.options.agent_precision, device)
+        with contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype):
+            return self.agent(image_feats, text_feats, padding)
 
     def action_space(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Words per caption: columns 1 .. n-2 of ``[CLS] words [SEP]`` (the agent never masks specials)."""
@@ -394,7 +422,7 @@ class CurriculumMasking(nn.Module):
             else:
                 self.join()
                 image_feats, text_feats = image_feats.detach().float(), text_feats.detach().float()
-                p, s, q = self.distributions(self.agent(image_feats, text_feats, padding), lengths)
+                p, s, q = self.distributions(self.run_agent(image_feats, text_feats, padding), lengths)
             sample = sample_spans(p, s, lengths, o.quota, self.sample_seed(step, 1 if random else 0),
                                   order_scores=q, order=order)
         b, length = attention_mask.shape
@@ -594,11 +622,16 @@ class CurriculumMasking(nn.Module):
         def mean(x):  # over the rows with a finite return
             return torch.where(finite, x, 0.0).sum() / rows
 
+        scaler = None
+        if agent_compute_dtype(o.agent_precision, device) == torch.float16:
+            if self.loss_scaler is None:
+                self.loss_scaler = _grad_scaler(device)
+            scaler = self.loss_scaler
         agent.train()
         stats = {}
         with torch.enable_grad():
             for _ in range(o.ppo_epochs):
-                out = agent(r["image_feats"], r["text_feats"], r["text_padding"])
+                out = self.run_agent(r["image_feats"], r["text_feats"], r["text_padding"])
                 p, s, q = self.distributions(out, r["lengths"])
                 log_prob, entropy = span_action_log_prob(p, s, r["lengths"], o.quota, sample, order_scores=q,
                                                          order=o.order)
@@ -609,9 +642,13 @@ class CurriculumMasking(nn.Module):
                 value_loss = mean((out.value - returns) ** 2)
                 loss = policy_loss - o.entropy_coef * mean(entropy) + o.value_coef * value_loss
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
                 _average_gradients(agent)
-                optimizer.step()
+                if scaler is None:
+                    optimizer.step()
+                else:  # fused Adam reads the scale and skips an overflowed step on the device: no host sync
+                    scaler.step(optimizer)
+                    scaler.update()
                 stats = {"agent_value_loss": value_loss.detach(), "agent_policy_loss": policy_loss.detach(),
                          "agent_entropy": mean(entropy).detach(),
                          "agent_clip_fraction": mean(((ratio - 1).abs() > o.ppo_clip).float()).detach(),
@@ -632,6 +669,7 @@ class CurriculumMasking(nn.Module):
         return {"agent": {k: cpu(v) for k, v in self.agent.state_dict().items()},
                 "optimizer": self.agent_optimizer.state_dict(),
                 "reward_scale": cpu(self.reward_scale),
+                "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
                 "pending": [rollout_state(ro) for ro in self.pending],
                 # reported metrics carried between steps, so a resumed run logs what a straight one does
                 "last_metrics": {k: cpu(v) for k, v in self.last_metrics.items()},
@@ -642,6 +680,8 @@ class CurriculumMasking(nn.Module):
         device = next(self.agent.parameters()).device
         self.agent.load_state_dict(state["agent"])
         self.agent_optimizer.load_state_dict(state["optimizer"])
+        scaler = state.get("loss_scaler")  # absent in checkpoints from before agent_precision
+        self.loss_scaler = None if scaler is None else _grad_scaler(device, scaler)
         scale = state["reward_scale"]
         self.reward_scale = None if scale is None else scale.to(device)
         self.pending = [Rollout(ro["image_feats"], ro["text_feats"], ro["text_padding"], ro["lengths"],
@@ -667,6 +707,14 @@ class CurriculumMasking(nn.Module):
         if prefix + "_extra_state" in state_dict:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
+
+
+def _grad_scaler(device: torch.device, state: Optional[dict] = None) -> torch.amp.GradScaler:
+    """The fp16 agent's loss scaler on ``device`` (with ``state`` from another device or a checkpoint)."""
+    scaler = torch.amp.GradScaler(device.type)
+    if state:
+        scaler.load_state_dict(state)
+    return scaler
 
 
 def _average_gradients(module: nn.Module) -> None:
@@ -713,5 +761,5 @@ def build_curriculum(cfg: RunConfig, recipe, options: Optional[CurriculumOptions
     return policy
 
 
-__all__ = ["AGENT_METRICS", "AgentOutput", "CurriculumMasking", "CurriculumOptions", "MaskChoice", "MaskingAgent", "RewardMeter",
+__all__ = ["AGENT_METRICS", "AgentOutput", "agent_compute_dtype", "CurriculumMasking", "CurriculumOptions", "MaskChoice", "MaskingAgent", "RewardMeter",
            "Rollout", "build_curriculum", "episode_return", "layer_means", "IGNORE_INDEX"]

@@ -253,7 +253,7 @@ def chosen_log_prob(curriculum, rollout):
     from fastvl_kernels import span_action_log_prob
 
     with torch.no_grad():
-        out = curriculum.agent(rollout.image_feats, rollout.text_feats, rollout.text_padding)
+        out = curriculum.run_agent(rollout.image_feats, rollout.text_feats, rollout.text_padding)
         p, s, q = curriculum.distributions(out, rollout.lengths)
         return span_action_log_prob(p, s, rollout.lengths, curriculum.options.quota, rollout.sample,
                                     order_scores=q, order=curriculum.options.order)
@@ -297,23 +297,83 @@ def test_agent_last_layer_computes_exactly_the_joint_caption_rows(layers, pack_r
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_ppo_with_positive_advantage_raises_the_chosen_action():
-    recipe = build(seed=4, entropy_coef=0.0, value_coef=0.0, agent_lr=1e-3)
+def build_agent_in(precision, **options):
+    """A recipe whose agent computes in ``precision``; fp16 starts its loss scale where this agent's
+    gradients do not overflow, so its first update is not skipped (skipping is tested on its own)."""
+    recipe = build(seed=4, agent_precision=precision, **options)
+    if precision == "fp16":
+        recipe.curriculum.loss_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    return recipe
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_ppo_with_positive_advantage_raises_the_chosen_action(precision):
+    options = dict(entropy_coef=0.0, value_coef=0.0, agent_lr=1e-3)
+    recipe = build_agent_in(precision, **options)
     rollout = rollout_for(recipe)
     before, _ = chosen_log_prob(recipe.curriculum, rollout)
     with torch.no_grad():
-        value = recipe.curriculum.agent(rollout.image_feats, rollout.text_feats, rollout.text_padding).value
-    rollout.returns = value + 1.0  # A = +1 for every row
+        value = recipe.curriculum.run_agent(rollout.image_feats, rollout.text_feats, rollout.text_padding).value
+    rollout.returns = value.float() + 1.0  # A = +1 for every row
     stats = recipe.curriculum.ppo_update(rollout)
     after, _ = chosen_log_prob(recipe.curriculum, rollout)
     assert (after > before).all()
     assert float(stats["agent_clip_fraction"]) == 0.0  # first epoch: ratio 1
     # and, from the same start, a negative advantage lowers it
-    recipe = build(seed=4, entropy_coef=0.0, value_coef=0.0, agent_lr=1e-3)
-    rollout.returns = value - 1.0
+    recipe = build_agent_in(precision, **options)
+    rollout.returns = value.float() - 1.0
     recipe.curriculum.ppo_update(rollout)
     lowered, _ = chosen_log_prob(recipe.curriculum, rollout)
     assert lowered.mean() < before.mean()
+
+
+def test_agent_precision_resolves_per_device(monkeypatch):
+    from fastvl.masking.curriculum import agent_compute_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert agent_compute_dtype("auto", cpu) is None  # CPU: fp32
+    for supported, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert agent_compute_dtype("auto", cuda) == dtype
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        assert agent_compute_dtype(name, cpu) == agent_compute_dtype(name, cuda) == dtype
+    with pytest.raises(ConfigError, match="agent_precision"):
+        build(agent_precision="fp8")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_agent_computes_in_half_and_keeps_fp32_weights(precision):
+    """The agent's layers run in the half dtype (its heads' outputs say so) both when it samples and
+    when it learns; its weights and Adam state stay fp32; the sampler's log-prob is the one PPO
+    recomputes from the same parameters (ratio 1), so the half-precision path is self-consistent."""
+    recipe = build_agent_in(precision, agent_lr=1e-3)
+    curriculum = recipe.curriculum
+    seen = []
+    curriculum.agent.action_heads.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    rollout = rollout_for(recipe)
+    log_prob, _ = chosen_log_prob(curriculum, rollout)
+    torch.testing.assert_close(log_prob, rollout.sample.log_prob, rtol=1e-5, atol=1e-5)
+    rollout.returns = torch.randn(rollout.lengths.shape[0])
+    before = [p.detach().clone() for p in curriculum.agent.parameters()]
+    curriculum.ppo_update(rollout)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen == [half] * 3  # sampling, the check above, the PPO forward
+    assert all(p.dtype == torch.float32 for p in curriculum.agent.parameters())
+    assert all(v.dtype == torch.float32 for s in curriculum.agent_optimizer.state.values()
+               for k, v in s.items() if k != "step")
+    assert all(not torch.equal(a, b) for a, b in zip(before, curriculum.agent.parameters()))
+
+
+def test_fp16_agent_skips_an_overflowed_update_and_backs_off_its_loss_scale():
+    recipe = build(seed=4, agent_precision="fp16", agent_lr=1e-3)
+    curriculum = recipe.curriculum
+    curriculum.loss_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)  # every gradient overflows fp16
+    rollout = rollout_for(recipe)
+    rollout.returns = torch.randn(rollout.lengths.shape[0])
+    before = [p.detach().clone() for p in curriculum.agent.parameters()]
+    curriculum.ppo_update(rollout)
+    assert all(torch.equal(a, b) for a, b in zip(before, curriculum.agent.parameters()))
+    assert curriculum.loss_scaler.get_scale() == 2.0 ** 59
 
 
 def test_ppo_leaves_out_rows_without_a_finite_return():
@@ -362,7 +422,7 @@ def test_entropy_bonus_raises_the_policy_entropy():
     recipe = build(seed=6, entropy_coef=0.1, value_coef=0.0, agent_lr=1e-3)
     rollout = rollout_for(recipe, seed=6)
     with torch.no_grad():
-        rollout.returns = recipe.curriculum.agent(rollout.image_feats, rollout.text_feats, rollout.text_padding).value
+        rollout.returns = recipe.curriculum.run_agent(rollout.image_feats, rollout.text_feats, rollout.text_padding).value
     _, before = chosen_log_prob(recipe.curriculum, rollout)
     recipe.curriculum.ppo_update(rollout)  # advantage 0: only the entropy term moves the policy
     _, after = chosen_log_prob(recipe.curriculum, rollout)
@@ -449,15 +509,21 @@ def test_gradient_accumulation_every_micro_batch_is_a_batch_for_the_agent(monkey
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[2], masks[3])
 
 
-def test_state_dict_restores_agent_optimizer_and_pending_rollout():
-    recipe = build(seed=8).train()
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_state_dict_restores_agent_optimizer_and_pending_rollout(precision):
+    recipe = build(seed=8, agent_precision=precision).train()
     for step in range(3):
         recipe(make_batch(step))
         recipe.after_step(step + 1)
     state = recipe.state_dict()
-    fresh = build(seed=99).train()
+    fresh = build(seed=99, agent_precision=precision).train()
     fresh.load_state_dict(state)
     a, b = recipe.curriculum, fresh.curriculum
+    if precision == "fp16":  # the loss scale moved (the first updates overflow at torch's initial scale)
+        assert a.loss_scaler.state_dict() == b.loss_scaler.state_dict()
+        assert a.loss_scaler.get_scale() < torch.amp.GradScaler("cpu").get_scale()
+    else:
+        assert a.loss_scaler is None and b.loss_scaler is None
     for (k, v), (_, w) in zip(a.agent.state_dict().items(), b.agent.state_dict().items()):
         assert torch.equal(v, w), k
     sa, sb = a.agent_optimizer.state_dict(), b.agent_optimizer.state_dict()
@@ -563,11 +629,15 @@ def test_losses_fall_on_builtin_data(synth, tmp_path):
     assert rows[-1]["agent_value_loss"] > 0  # the agent has been learning
 
 
-def test_trainer_resume_restores_the_agent(synth, tmp_path):
-    """3 steps straight vs 2 steps + resume: the third step's losses and agent metrics match."""
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_trainer_resume_restores_the_agent(synth, tmp_path, grad_accum):
+    """3 steps straight vs 2 steps + resume: the third step's losses and agent metrics match. With
+    gradient accumulation the agent learns one micro-batch behind, so the checkpoint holds the last
+    micro-batch's rollout and the draw keys count micro-batches."""
     from fastvl.train.loop import train
 
-    common = ("train.steps=3", "train.precision=fp32", "data.batch_size=4", "method.options.random_reward_every=1")
+    common = ("train.steps=3", "train.precision=fp32", "data.batch_size=4", "method.options.random_reward_every=1",
+              f"train.grad_accum={grad_accum}")
     straight = read_rows(train(run_config(synth, tmp_path / "a", *common), progress=False).metrics)
     train(run_config(synth, tmp_path / "b", *common, "train.save_every=1"), progress=False, stop_at=2)
     resumed = read_rows(train(run_config(synth, tmp_path / "b", *common, "train.resume=true"), progress=False).metrics)
