@@ -64,6 +64,7 @@ from ..dist import rank_and_world
 from ..models.attention import merge_heads, split_heads
 from ..models.bert import BertLayer
 from ..models.init import init_weights
+from ..precision import cpu_has_native_bf16
 from .text import IGNORE_INDEX, TextMask
 
 MASK_SELECTIONS = ("learned", "random")
@@ -106,8 +107,8 @@ class CurriculumOptions:
     random_reward_every: int = 10
     """Every N steps also measure G for a random mask of the same quota on the same batch (0 = never)."""
     agent_precision: str = "auto"
-    """The agent's compute dtype; its weights and Adam stay fp32. "auto": fp32 on CPU; on CUDA bf16 where
-    supported, else fp16. On CUDA the main model runs in half precision on tensor cores, and an fp32 agent
+    """The agent's compute dtype; its weights and Adam stay fp32. "auto": on CUDA bf16 where supported,
+    else fp16; on CPU bf16 where it is native (AVX512-BF16 / AMX), else fp32. On CUDA the main model runs in half precision on tensor cores, and an fp32 agent
     (~15% of the main model's FLOPs at base size) would take longer than the main step it runs beside.
     "fp16" scales the agent's loss with its own ``torch.amp.GradScaler``."""
 
@@ -230,10 +231,11 @@ class MaskingAgent(nn.Module):
 
 def agent_compute_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of ``agent_precision`` on ``device``; None = plain fp32."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "auto":  # the half dtype train.precision=auto would pick, with bf16 first
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -63,7 +63,7 @@ Choices where the paper is vague (all config values):
   the caption rows only (every head reads the caption; see ``MaskingAgent``).
 - Agent precision (``agent_precision``): fp32 weights and Adam; on CUDA its layers compute in bf16
   (fp16 with its own loss scaler where bf16 is missing) beside the half-precision main model, so the
-  side stream can keep up with the main step; on CPU fp32.
+  side stream can keep up with the main step; on CPU bf16 where it is native, else fp32.
 - Advantage = G - V(s) with V from the current agent (detached), no normalisation; value loss MSE
   with weight ``value_coef`` in one Adam step. Rows whose G is not finite (fp16 overflow) are left out.
 - No ITM head (the paper adds only ITC for retrieval); the scorer ranks by ITC (``itm_scores`` is the

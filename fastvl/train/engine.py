@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RunConfig
+from ..precision import cpu_has_native_bf16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,15 +88,6 @@ def device_for(local_rank: int) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------
 # precision
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when oneDNN has bf16 kernels for this CPU (AVX512-BF16 / AMX); elsewhere bf16 is emulated
-    and slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

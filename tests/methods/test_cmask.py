@@ -330,11 +330,14 @@ def test_ppo_with_positive_advantage_raises_the_chosen_action(precision):
 def test_agent_precision_resolves_per_device(monkeypatch):
     from fastvl.masking.curriculum import agent_compute_dtype
 
+    from fastvl.masking import curriculum
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert agent_compute_dtype("auto", cpu) is None  # CPU: fp32
-    for supported, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+    for supported, on_cuda, on_cpu in ((True, torch.bfloat16, torch.bfloat16), (False, torch.float16, None)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
-        assert agent_compute_dtype("auto", cuda) == dtype
+        monkeypatch.setattr(curriculum, "cpu_has_native_bf16", lambda: supported)
+        assert agent_compute_dtype("auto", cuda) == on_cuda
+        assert agent_compute_dtype("auto", cpu) == on_cpu  # fp32 where bf16 would be emulated
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         assert agent_compute_dtype(name, cpu) == agent_compute_dtype(name, cuda) == dtype
     with pytest.raises(ConfigError, match="agent_precision"):
