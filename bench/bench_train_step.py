@@ -16,7 +16,9 @@ exists (else a seeded random batch of the same shape), reused every step, so the
 + optimizer cost without data loading; each step advances the recipe's step counter (``after_step``)
 as training does. Prints a table and one JSON row per run, appended to bench/results/train_step.jsonl.
 ``--time-calls module:Qualified.name ...`` also reports the ms per step each run spends inside those
-functions (where an overhead goes; ``harness.CallTimer``).
+functions (where an overhead goes; ``harness.CallMeter``). ``--count-flops`` counts each run's FLOPs of
+one step (and inside the ``--time-calls`` functions): a hardware-independent share, e.g. of the work a
+GPU side stream could hide.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import CallTimer, machine, peak_extra_bytes, print_table, save_rows, time_interleaved
+from bench.harness import CallMeter, machine, peak_extra_bytes, print_table, save_rows, time_interleaved
 from fastvl.config import load_config
 from fastvl.data.batch import Batch
 
@@ -87,6 +89,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--time-calls", nargs="+", default=[], metavar="MODULE:QUALNAME",
                         help="also report the ms per step spent inside these functions or methods, e.g. "
                              "fastvl.masking.curriculum:CurriculumMasking.ppo_update (nested calls count in both)")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="also count the FLOPs of one step per run (torch's FlopCounterMode), and inside the "
+                             "--time-calls functions")
     args = parser.parse_args(argv)
     runs = args.runs or [DEFAULT_RUN]
     if any(len(run) < 2 for run in runs):
@@ -103,7 +108,7 @@ def main(argv=None) -> list[dict]:
     if len(set(labels)) != len(labels):
         parser.error(f"--run labels must differ, got {labels}")
     built = {label: build_run(label, config, shared + extra, args, world, device) for label, config, *extra in runs}
-    calls = CallTimer(args.time_calls)
+    calls = CallMeter(args.time_calls)
     timing = time_interleaved({label: calls.wrap(label, step, skip=args.warmup) for label, (_, step) in built.items()},
                               warmup=args.warmup, reps=args.steps)
     rows = []
@@ -115,6 +120,11 @@ def main(argv=None) -> list[dict]:
         row[f"overhead_time_vs_{base}_p20"], row[f"overhead_time_vs_{base}_p80"] = t["ratio_p20"], t["ratio_p80"]
         if args.time_calls:
             row["ms_per_step_in"] = calls.per_step(label)
+        if args.count_flops:
+            row["gflop"] = calls.count_flops(label, step) / 1e9
+            row[f"overhead_flops_vs_{base}"] = row["gflop"] / rows[0]["gflop"] if rows else 1.0
+            if args.time_calls:
+                row["gflop_in"] = {target: flops / 1e9 for target, flops in calls.flops[label].items()}
         rows.append(row)
         if not args.no_memory:
             row["peak_extra_bytes"] = peak_extra_bytes(step, device.type)
@@ -123,6 +133,8 @@ def main(argv=None) -> list[dict]:
     for row in rows:
         for target, ms in row.get("ms_per_step_in", {}).items():
             print(f"  {row['provider']}: {ms:.2f} ms per step in {target}")
+        for target, gflop in row.get("gflop_in", {}).items():
+            print(f"  {row['provider']}: {gflop:.3f} GFLOP of {row['gflop']:.3f} per step in {target}")
     for row in rows:
         print(json.dumps(row))
     save_rows("train_step", rows)

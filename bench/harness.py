@@ -58,18 +58,21 @@ def _summary(values: list[float], key: str) -> dict:
     return {key: statistics.median(values), f"{key}_p20": q[0], f"{key}_p80": q[-1]}
 
 
-class CallTimer:
-    """Host wall time spent inside named functions, per step of each labelled callable: where a
-    run's time goes. ``targets`` are ``module:Qualified.name`` (a function or a method), patched where
-    named (a function imported by name elsewhere must be named there); nested calls count in both.
-    ``wrap(label, fn, skip)`` counts the calls made during ``fn()`` after its first ``skip`` calls (the
-    warm-up). On CUDA it times launches unless the function synchronizes."""
+class CallMeter:
+    """Host wall time, or FLOPs, spent inside named functions per step of each labelled callable:
+    where a run's time and arithmetic go. ``targets`` are ``module:Qualified.name`` (a function or a
+    method), patched where named (a function imported by name elsewhere must be named there); nested
+    calls count in both. ``wrap(label, fn, skip)`` times the calls made during ``fn()`` after its first
+    ``skip`` calls (the warm-up); on CUDA it times launches unless the function synchronizes.
+    ``count_flops(label, fn)`` runs ``fn()`` once under torch's ``FlopCounterMode``."""
 
     def __init__(self, targets: list[str]):
         self.targets = list(targets)
         self.ms: dict[str, dict[str, float]] = {}
         self.steps: dict[str, int] = {}
+        self.flops: dict[str, dict[str, int]] = {}
         self.active: str | None = None
+        self.counter = None  # the FlopCounterMode of a running count_flops
         for target in targets:
             module, _, qualname = target.partition(":")
             if not qualname:
@@ -78,20 +81,24 @@ class CallTimer:
             *path, name = qualname.split(".")
             for part in path:
                 owner = getattr(owner, part)
-            setattr(owner, name, self._timed(target, getattr(owner, name)))
+            setattr(owner, name, self._metered(target, getattr(owner, name)))
 
-    def _timed(self, target: str, fn: Callable) -> Callable:
+    def _metered(self, target: str, fn: Callable) -> Callable:
         @functools.wraps(fn)
-        def timed(*args, **kwargs):
+        def metered(*args, **kwargs):
             if self.active is None:
                 return fn(*args, **kwargs)
-            t0 = time.perf_counter()
+            label, counter = self.active, self.counter
+            start = time.perf_counter() if counter is None else counter.get_total_flops()
             try:
                 return fn(*args, **kwargs)
             finally:
-                per_target = self.ms.setdefault(self.active, {})
-                per_target[target] = per_target.get(target, 0.0) + (time.perf_counter() - t0) * 1e3
-        return timed
+                if counter is None:
+                    per_target = self.ms.setdefault(label, {})
+                    per_target[target] = per_target.get(target, 0.0) + (time.perf_counter() - start) * 1e3
+                else:
+                    self.flops[label][target] += counter.get_total_flops() - start
+        return metered
 
     def wrap(self, label: str, fn: Callable[[], object], skip: int = 0) -> Callable[[], object]:
         calls = [0]
@@ -111,6 +118,39 @@ class CallTimer:
         """Mean ms per counted step inside each target (0 for targets not called)."""
         steps = max(self.steps.get(label, 0), 1)
         return {target: self.ms.get(label, {}).get(target, 0.0) / steps for target in self.targets}
+
+    def count_flops(self, label: str, fn: Callable[[], object]) -> int:
+        """FLOPs of one ``fn()``, and of the calls inside each target (``self.flops[label]``). Counted:
+        matrix products, convolutions and scaled-dot-product attention (CPU kernels included);
+        custom ops such as ``fastvl_kernels``' count 0."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
+        self.flops[label] = dict.fromkeys(self.targets, 0)
+        self.active, self.counter = label, counter
+        try:
+            with counter:
+                fn()
+        finally:
+            self.active, self.counter = None, None
+        return counter.get_total_flops()
+
+
+def _cpu_attention_flops() -> dict:
+    """torch's FLOP counter knows the CUDA attention kernels; the CPU flash kernel does the same
+    arithmetic."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
@@ -168,7 +208,7 @@ def run_cases(op: str, shape: str, cases: dict, baseline: str, reps: int = 10, w
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["op", "provider", "shape", "ms", "ms_p20", "ms_p80", "samples_per_s", "peak_extra_bytes"]
+    cols = ["op", "provider", "shape", "ms", "ms_p20", "ms_p80", "samples_per_s", "peak_extra_bytes", "gflop"]
     cols += sorted({k for r in rows for k in r if k.startswith(("speedup_vs_", "memory_ratio_vs_", "overhead_"))})
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731

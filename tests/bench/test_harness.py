@@ -1,11 +1,13 @@
-"""The benchmark harness's call timer: where a run's time goes."""
+"""The benchmark harness's call meter: where a run's time and FLOPs go."""
 import sys
 import time
 import types
 
 import pytest
+import torch
+import torch.nn.functional as F
 
-from bench.harness import CallTimer
+from bench.harness import CallMeter
 
 
 @pytest.fixture
@@ -15,30 +17,50 @@ def toy_module(monkeypatch):
     def nap(ms):
         time.sleep(ms / 1e3)
 
+    def product(a, b):
+        return a @ b
+
     class Worker:
         def work(self):
             module.nap(20)
             module.nap(10)
 
-    module.nap, module.Worker = nap, Worker
+        def compute(self):
+            module.product(torch.ones(4, 8), torch.ones(8, 16))  # 2 * 4 * 8 * 16 = 1024 FLOPs
+            module.product(torch.ones(2, 3), torch.ones(3, 5))  # 60
+            q = torch.ones(1, 2, 6, 4)  # attention outside the targets: 2 products of 2*1*2*6*6*4 = 576 each
+            F.scaled_dot_product_attention(q, q, q)
+
+    module.nap, module.product, module.Worker = nap, product, Worker
     monkeypatch.setitem(sys.modules, "toy_timed", module)
     return module
 
 
-def test_call_timer_counts_per_step_after_the_warmup(toy_module):
-    timer = CallTimer(["toy_timed:Worker.work", "toy_timed:nap"])
+def test_call_meter_times_per_step_after_the_warmup(toy_module):
+    meter = CallMeter(["toy_timed:Worker.work", "toy_timed:nap"])
     worker = toy_module.Worker()
-    step = timer.wrap("run", worker.work, skip=1)
+    step = meter.wrap("run", worker.work, skip=1)
     for _ in range(3):
         step()
     worker.work()  # outside a wrapped step: not counted
-    assert timer.steps == {"run": 2}
-    per_step = timer.per_step("run")
+    assert meter.steps == {"run": 2}
+    per_step = meter.per_step("run")
     assert per_step["toy_timed:Worker.work"] >= 30  # both naps
     assert 30 <= per_step["toy_timed:nap"] <= per_step["toy_timed:Worker.work"]  # nested calls count in both
-    assert timer.per_step("other") == {"toy_timed:Worker.work": 0.0, "toy_timed:nap": 0.0}
+    assert meter.per_step("other") == {"toy_timed:Worker.work": 0.0, "toy_timed:nap": 0.0}
 
 
-def test_call_timer_names_a_malformed_target():
+def test_call_meter_counts_flops_inside_targets_and_cpu_attention(toy_module):
+    meter = CallMeter(["toy_timed:Worker.compute", "toy_timed:product"])
+    worker = toy_module.Worker()
+    total = meter.count_flops("run", worker.compute)
+    assert total == 1024 + 60 + 2 * 576  # the CPU attention kernel counts like the CUDA ones
+    assert meter.flops["run"] == {"toy_timed:Worker.compute": total, "toy_timed:product": 1084}
+    assert meter.ms == {}  # counting is not timing
+    worker.compute()  # outside a count: nothing added
+    assert meter.flops["run"]["toy_timed:product"] == 1084
+
+
+def test_call_meter_names_a_malformed_target():
     with pytest.raises(ValueError, match="module:Qualified.name"):
-        CallTimer(["toy_timed.nap"])
+        CallMeter(["toy_timed.nap"])
