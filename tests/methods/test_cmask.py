@@ -650,10 +650,12 @@ def test_trainer_resume_restores_the_agent(synth, tmp_path, grad_accum):
 
 
 def test_zero2_bf16_and_scs_cli(synth, tmp_path, capsys):
+    """A bf16 main model under ZeRO-2 with a bf16 agent (what CUDA runs by default), then SCS."""
     from fastvl.train.loop import train
 
     cfg = run_config(synth, tmp_path / "run", "train.steps=3", "train.lr=1e-4", "train.precision=bf16",
-                     "train.zero_stage=2", "data.batch_size=4", "method.options.update_delay=0")
+                     "train.zero_stage=2", "data.batch_size=4", "method.options.update_delay=0",
+                     'method.options.agent_precision="bf16"')
     result = train(cfg, progress=False)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["precision"] == "bf16" and run["zero_stage"] == 2
