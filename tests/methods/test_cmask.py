@@ -606,6 +606,31 @@ def test_scs_is_one_without_image_interaction_and_below_one_with_it():
     assert (mask.sum(1) >= 1).all() and not (mask & ((position < 1) | (position > words[:, None]))).any()
 
 
+# -- reward headroom ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", ["multiway", "albef"])
+def test_reward_headroom_measures_the_spread_of_random_masks(backbone):
+    from fastvl.eval.reward_headroom import reward_headroom
+
+    batches = [make_batch(0), make_batch(1)]
+    result = reward_headroom(build(backbone=backbone, seed=3), batches, masks=4)
+    assert result["captions"] == 2 * B and result["masks"] == 4
+    assert result["worst_over_mean"] < 1 < result["best_over_mean"]  # the draws differ, and so do their returns
+    assert result["spread"] > 0 and result["learned_over_random"] > 0
+    assert not result["agent_restored"]  # a fresh agent: no reward scale yet
+    assert reward_headroom(build(backbone=backbone, seed=3), batches, masks=4) == result  # seeded draws
+    one = reward_headroom(build(backbone=backbone, seed=3), batches, masks=1)
+    assert one["best_over_mean"] == one["worst_over_mean"] == 1 and one["spread"] == 0
+
+
+def test_reward_headroom_names_a_recipe_without_an_agent():
+    from fastvl.eval.reward_headroom import reward_headroom
+
+    with pytest.raises(ConfigError, match="C-Mask checkpoint"):
+        reward_headroom(build_recipe("configs/tiny_albef.json"), [make_batch(0)])
+
+
 # -- end to end on the built-in data ------------------------------------------------------------------
 
 
@@ -670,3 +695,11 @@ def test_zero2_bf16_and_scs_cli(synth, tmp_path, capsys):
                  "--samples", "8", "--batch-size", "4"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < printed["scs"] <= 1 and printed["tokens"] >= 2
+    # reward headroom from the same checkpoint: it has no agent state, and says so
+    from fastvl.eval import reward_headroom
+
+    assert reward_headroom.main(["--checkpoint", str(tmp_path / "run" / "step_3"), "--data", str(synth / "heldout"),
+                                 "--samples", "8", "--batch-size", "4", "--masks", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["captions"] == 8 and printed["agent_restored"] is False
+    assert printed["worst_over_mean"] <= 1 <= printed["best_over_mean"]
