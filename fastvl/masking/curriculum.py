@@ -9,7 +9,10 @@ Pieces (each usable on its own, tested in tests/methods/test_cmask.py):
   of layers; they arrive detached, so no gradient reaches the backbone from the agent) + its own
   ``agent_layers`` BERT layers over ``[image | text]`` + heads: start logits (p = softmax over the
   valid word positions), span continuation (s = sigmoid), order scores (q, Plackett-Luce logits) and
-  a value head (mean-pooled caption state -> scalar V(s)).
+  a value head: V(s) = m a(s) + b(s), with (a, b) from the mean-pooled caption state and m the tokens
+  the quota masks. G sums the reward over the m predicted tokens, so it grows with the caption; a
+  mean-pooled state alone hardly tells the caption's length, and V would leave that growth in the
+  advantage as noise.
 - ``RewardMeter``: an attention observer. For every observed layer it calls the fused
   ``value_weighted_topk_reward`` on (destination rows = text + pseudo-mask rows) x (source = image
   tokens) and keeps the head mean [B, T]. No gradient; it reads detached q/k/v, so the main model's
@@ -58,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl_kernels import SpanSample, sample_spans, span_action_log_prob, value_weighted_topk_reward
+from fastvl_kernels.span_sampling import quota_counts
 
 from ..config import ConfigError, RunConfig
 from ..dist import rank_and_world
@@ -150,7 +154,7 @@ class AgentOutput:
     start_logits: torch.Tensor  # [B, L] over the caption columns
     cont_logits: torch.Tensor  # [B, L]
     order_scores: torch.Tensor  # [B, L]
-    value: torch.Tensor  # [B]
+    value: torch.Tensor  # [B] V(s) = masked * a(s) + b(s)
 
 
 #: the PPO statistics ``ppo_update`` reports (logged every step: zeros until the first update)
@@ -175,13 +179,16 @@ class MaskingAgent(nn.Module):
         self.modality = nn.Parameter(torch.zeros(2, width))
         self.layers = nn.ModuleList(BertLayer(width, heads, intermediate, "sdpa", 0.0) for _ in range(layers))
         self.action_heads = nn.Linear(width, 3)  # start logit, continuation logit, order score
-        self.value_head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+        # (a, b) of V(s) = m a + b: a per-token return and an offset (see the module docstring)
+        self.value_head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2))
         # the last layer's row-wise work on the real caption rows only; None = on CPU only (counting the
         # rows is a host sync on CUDA, where padded rows cost little beside the main model)
         self.pack_rows: Optional[bool] = None
         self.apply(init_weights)
 
-    def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor, text_padding: torch.Tensor) -> AgentOutput:
+    def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor, text_padding: torch.Tensor,
+                masked: torch.Tensor) -> AgentOutput:
+        """``masked`` [B]: the tokens the action will mask (the quota's count), V's multiplier."""
         b, n_img, length = image_feats.shape[0], image_feats.shape[1], text_feats.shape[1]
         real = text_padding.bool()
         text = self.text_in(text_feats.float()) + self.modality[1]
@@ -211,7 +218,8 @@ class MaskingAgent(nn.Module):
         weights = real.flatten()[rows].float().unsqueeze(-1)  # 1 for every packed row; 0 at padding otherwise
         pooled = weights.new_zeros(b, caption.shape[1]).index_add(0, rows // length, caption.float() * weights)
         pooled = pooled / real.sum(1, keepdim=True).clamp(min=1)
-        return AgentOutput(start, cont, order, self.value_head(pooled).squeeze(-1))
+        per_token, offset = self.value_head(pooled).float().unbind(-1)
+        return AgentOutput(start, cont, order, masked.to(per_token.dtype) * per_token + offset)
 
     def _caption_rows(self, text, image_kv, kv_weight, kv_bias, real, rows) -> torch.Tensor:
         """The last layer at the caption ``rows`` (flat indices into [B, L]): queries from the caption,
@@ -379,8 +387,9 @@ class CurriculumMasking(nn.Module):
         """The agent's forward in its compute dtype (``agent_precision``, autocast over fp32 weights)."""
         device = next(self.agent.parameters()).device
         dtype = agent_compute_dtype(self.options.agent_precision, device)
+        masked = quota_counts(self.action_space(padding), self.options.quota, padding.shape[1] - 1)
         with contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype):
-            return self.agent(image_feats, text_feats, padding)
+            return self.agent(image_feats, text_feats, padding, masked)
 
     def action_space(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Words per caption: columns 1 .. n-2 of ``[CLS] words [SEP]`` (the agent never masks specials)."""

@@ -60,7 +60,9 @@ Choices where the paper is vague (all config values):
   the masks are reproducible and resume exactly, but unlike the recipes' ``global_uniform`` draws they
   change with the number of processes.
 - The agent's value head reads the mean of the caption's real rows of its last layer, which computes
-  the caption rows only (every head reads the caption; see ``MaskingAgent``).
+  the caption rows only (every head reads the caption; see ``MaskingAgent``), and gives V = m a + b
+  with m the tokens the quota masks: G sums R over those m tokens, so V follows its growth with the
+  caption's length, which a mean-pooled state hardly shows.
 - Agent precision (``agent_precision``): fp32 weights and Adam; on CUDA its layers compute in bf16
   (fp16 with its own loss scaler where bf16 is missing) beside the half-precision main model, so the
   side stream can keep up with the main step; on CPU bf16 where it is native, else fp32.

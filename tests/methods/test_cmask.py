@@ -273,7 +273,8 @@ def test_agent_last_layer_computes_exactly_the_joint_caption_rows(layers, pack_r
     agent.pack_rows = pack_rows
     image, text = torch.randn(3, 5, 24), torch.randn(3, 7, 16)
     text_padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]]).bool()
-    out = agent(image, text, text_padding)
+    masked = torch.tensor([3.0, 2.0, 3.0])
+    out = agent(image, text, text_padding, masked)
     x = torch.cat([agent.image_in(image) + agent.modality[0], agent.text_in(text) + agent.modality[1]], 1)
     padding = torch.cat([torch.ones(3, 5, dtype=torch.bool), text_padding], 1)
     for layer in agent.layers:
@@ -281,7 +282,8 @@ def test_agent_last_layer_computes_exactly_the_joint_caption_rows(layers, pack_r
     caption = x[:, 5:]
     start, cont, order = agent.action_heads(caption).unbind(-1)
     real = text_padding.float().unsqueeze(-1)
-    value = agent.value_head((caption * real).sum(1) / real.sum(1)).squeeze(-1)
+    per_token, offset = agent.value_head((caption * real).sum(1) / real.sum(1)).unbind(-1)
+    value = masked * per_token + offset
     for got, want in zip((out.start_logits, out.cont_logits, out.order_scores), (start, cont, order)):
         torch.testing.assert_close(got[text_padding], want[text_padding], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.value, value, rtol=1e-5, atol=1e-5)
@@ -430,6 +432,32 @@ def test_entropy_bonus_raises_the_policy_entropy():
     recipe.curriculum.ppo_update(rollout)  # advantage 0: only the entropy term moves the policy
     _, after = chosen_log_prob(recipe.curriculum, rollout)
     assert after.mean() > before.mean()
+
+
+def test_value_follows_the_returns_growth_with_the_masked_count():
+    """G sums the reward over the masked tokens, so it grows with the caption. Trained on captions of
+    11-14 tokens with G = 2 m + 1 (m = the quota's count), V predicts G for captions of 7-20 tokens it
+    never saw: the value head scales by m instead of guessing the length from a mean-pooled state."""
+    from fastvl_kernels.span_sampling import quota_counts
+
+    recipe = build(seed=4, entropy_coef=0.0, value_coef=1.0, agent_lr=1e-2)
+    curriculum = recipe.curriculum
+
+    def rollout_with_return(batch, step):
+        _, image_feats, text_feats, _ = recipe.shared_features(batch, need_itc=False)
+        rollout = curriculum.select(image_feats, text_feats, batch.attention_mask, step=step).rollout
+        masked = quota_counts(rollout.lengths, curriculum.options.quota, batch.attention_mask.shape[1] - 1)
+        rollout.returns = 2.0 * masked.float() + 1.0
+        return rollout
+
+    train = [rollout_with_return(make_batch(seed), seed) for seed in range(3)]
+    for update in range(60):
+        curriculum.ppo_update(train[update % len(train)])
+    for length in (10, 20):
+        unseen = rollout_with_return(make_batch(9, length=length), 9)
+        with torch.no_grad():
+            value = curriculum.run_agent(unseen.image_feats, unseen.text_feats, unseen.text_padding).value
+        torch.testing.assert_close(value, unseen.returns, atol=0.5, rtol=0.0)
 
 
 def test_agent_never_trains_the_backbone_and_learns_one_batch_behind():
