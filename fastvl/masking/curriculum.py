@@ -689,7 +689,7 @@ class CurriculumMasking(nn.Module):
     def load_agent_state(self, state: dict) -> None:
         self.join()
         device = next(self.agent.parameters()).device
-        self.agent.load_state_dict(state["agent"])
+        self.agent.load_state_dict(self._upgrade_value_head(state))
         self.agent_optimizer.load_state_dict(state["optimizer"])
         scaler = state.get("loss_scaler")  # absent in checkpoints from before agent_precision
         self.loss_scaler = None if scaler is None else _grad_scaler(device, scaler)
@@ -700,6 +700,23 @@ class CurriculumMasking(nn.Module):
                         for ro in state["pending"]]
         self.last_metrics = dict(state.get("last_metrics", {}))
         self.last_random_return = state.get("last_random_return")
+
+    def _upgrade_value_head(self, state: dict) -> dict:
+        """The agent's weights of ``state``; a checkpoint from before V = m a + b (one value output) gets
+        a = 0 and b = its V, so it values every state as before, with its Adam moments padded alike
+        (``state["optimizer"]`` is updated in place)."""
+        weights = dict(state["agent"])
+        if weights["value_head.2.weight"].shape[0] != 1:
+            return weights
+        names = [name for name, _ in self.agent.named_parameters()]
+        moments = state["optimizer"]["state"]
+        for name in ("value_head.2.weight", "value_head.2.bias"):
+            weights[name] = torch.cat([torch.zeros_like(weights[name]), weights[name]])
+            moment = moments.get(names.index(name), {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in moment:
+                    moment[key] = torch.cat([torch.zeros_like(moment[key]), moment[key]])
+        return weights
 
     def get_extra_state(self) -> torch.Tensor:
         buffer = io.BytesIO()

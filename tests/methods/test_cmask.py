@@ -578,6 +578,39 @@ def test_state_dict_restores_agent_optimizer_and_pending_rollout(precision):
         torch.testing.assert_close(v, w)
 
 
+def test_a_checkpoint_from_before_the_count_scaled_value_head_loads_with_its_value():
+    """Checkpoints whose value head had one output (V = head(state)) load with a = 0, b = that V: the
+    agent values every state as before, and PPO continues from the padded Adam moments."""
+    recipe = build(seed=8).train()
+    for step in range(2):
+        recipe(make_batch(step))
+    curriculum = recipe.curriculum
+    old = curriculum.agent_state()
+    for name in ("value_head.2.weight", "value_head.2.bias"):  # keep b's row, as an old one-output head
+        old["agent"][name] = old["agent"][name][1:].clone()
+    names = [name for name, _ in curriculum.agent.named_parameters()]
+    for name in ("value_head.2.weight", "value_head.2.bias"):
+        moment = old["optimizer"]["state"][names.index(name)]
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment[key] = moment[key][1:].clone()
+    pooled_value = {}
+
+    def capture(module, args, out):  # the old V: the head's single output on the pooled state
+        pooled_value["v"] = torch.nn.functional.linear(args[0], old["agent"]["value_head.2.weight"],
+                                                       old["agent"]["value_head.2.bias"]).squeeze(-1)
+
+    fresh = build(seed=99).train()
+    fresh.curriculum.load_agent_state(old)
+    fresh.curriculum.agent.value_head[2].register_forward_hook(capture)
+    rollout = fresh.curriculum.pending[0]
+    with torch.no_grad():
+        value = fresh.curriculum.run_agent(rollout.image_feats, rollout.text_feats, rollout.text_padding).value
+    torch.testing.assert_close(value, pooled_value["v"])
+    rollout.returns = torch.randn_like(rollout.returns)
+    fresh.curriculum.ppo_update(rollout)  # the padded moments fit the parameters
+    assert all(torch.isfinite(p).all() for p in fresh.curriculum.agent.parameters())
+
+
 # -- composition: the curriculum as MAMO's text-view policy ------------------------------------------
 
 
