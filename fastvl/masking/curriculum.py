@@ -112,9 +112,10 @@ class CurriculumOptions:
     """Every N steps also measure G for a random mask of the same quota on the same batch (0 = never)."""
     agent_precision: str = "auto"
     """The agent's compute dtype; its weights and Adam stay fp32. "auto": on CUDA bf16 where supported,
-    else fp16; on CPU bf16 where it is native (AVX512-BF16 / AMX), else fp32. On CUDA the main model runs in half precision on tensor cores, and an fp32 agent
-    (~15% of the main model's FLOPs at base size) would take longer than the main step it runs beside.
-    "fp16" scales the agent's loss with its own ``torch.amp.GradScaler``."""
+    else fp16; on CPU bf16 where it is native (AVX512-BF16 / AMX), else fp32. On CUDA the main model runs
+    in half precision on tensor cores, and an fp32 agent (18% of the main model's FLOPs at base size)
+    would take longer than the main step it runs beside. "fp16" scales the agent's loss with its own
+    ``torch.amp.GradScaler``."""
 
     def __post_init__(self):
         def check(ok, message):
@@ -789,5 +790,6 @@ def build_curriculum(cfg: RunConfig, recipe, options: Optional[CurriculumOptions
     return policy
 
 
-__all__ = ["AGENT_METRICS", "AgentOutput", "agent_compute_dtype", "CurriculumMasking", "CurriculumOptions", "MaskChoice", "MaskingAgent", "RewardMeter",
-           "Rollout", "build_curriculum", "episode_return", "layer_means", "IGNORE_INDEX"]
+__all__ = ["AGENT_METRICS", "AgentOutput", "CurriculumMasking", "CurriculumOptions", "IGNORE_INDEX", "MaskChoice",
+           "MaskingAgent", "RewardMeter", "Rollout", "agent_compute_dtype", "build_curriculum", "episode_return",
+           "layer_means"]

@@ -425,12 +425,13 @@ def test_running_scale_ignores_a_non_finite_layer():
 
 def test_entropy_bonus_raises_the_policy_entropy():
     recipe = build(seed=6, entropy_coef=0.1, value_coef=0.0, agent_lr=1e-3)
+    curriculum = recipe.curriculum
     rollout = rollout_for(recipe, seed=6)
     with torch.no_grad():
-        rollout.returns = recipe.curriculum.run_agent(rollout.image_feats, rollout.text_feats, rollout.text_padding).value
-    _, before = chosen_log_prob(recipe.curriculum, rollout)
-    recipe.curriculum.ppo_update(rollout)  # advantage 0: only the entropy term moves the policy
-    _, after = chosen_log_prob(recipe.curriculum, rollout)
+        rollout.returns = curriculum.run_agent(rollout.image_feats, rollout.text_feats, rollout.text_padding).value
+    _, before = chosen_log_prob(curriculum, rollout)
+    curriculum.ppo_update(rollout)  # advantage 0: only the entropy term moves the policy
+    _, after = chosen_log_prob(curriculum, rollout)
     assert after.mean() > before.mean()
 
 
