@@ -670,22 +670,31 @@ class CurriculumMasking(nn.Module):
     # -- checkpointing: agent, its optimizer, reward scale and the pending rollouts -------------
 
     def agent_state(self) -> dict:
+        """The whole policy state: the agent, its optimizer and loss scaler (the same on every rank)
+        and ``rank_state``."""
         self.join()
-        cpu = lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return {"agent": {k: _cpu(v) for k, v in self.agent.state_dict().items()},
+                "optimizer": self.agent_optimizer.state_dict(),
+                "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
+                **self.rank_state()}
+
+    def rank_state(self) -> dict:
+        """What differs between ranks: the pending rollouts (this rank's slice of the batch), the running
+        reward scale (from this rank's batches) and the metrics carried between steps. ZeRO 0-2 write the
+        module state from rank 0, so the trainer also saves this per rank and restores it to its rank
+        (``Recipe.rank_state``)."""
+        self.join()
 
         def rollout_state(ro: Rollout) -> dict:
-            return {"image_feats": cpu(ro.image_feats), "text_feats": cpu(ro.text_feats),
-                    "text_padding": cpu(ro.text_padding), "lengths": cpu(ro.lengths),
-                    "sample": [cpu(t) for t in ro.sample], "returns": cpu(ro.returns), "step": ro.step}
+            return {"image_feats": _cpu(ro.image_feats), "text_feats": _cpu(ro.text_feats),
+                    "text_padding": _cpu(ro.text_padding), "lengths": _cpu(ro.lengths),
+                    "sample": [_cpu(t) for t in ro.sample], "returns": _cpu(ro.returns), "step": ro.step}
 
-        return {"agent": {k: cpu(v) for k, v in self.agent.state_dict().items()},
-                "optimizer": self.agent_optimizer.state_dict(),
-                "reward_scale": cpu(self.reward_scale),
-                "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
+        return {"reward_scale": _cpu(self.reward_scale),
                 "pending": [rollout_state(ro) for ro in self.pending],
                 # reported metrics carried between steps, so a resumed run logs what a straight one does
-                "last_metrics": {k: cpu(v) for k, v in self.last_metrics.items()},
-                "last_random_return": cpu(self.last_random_return)}
+                "last_metrics": {k: _cpu(v) for k, v in self.last_metrics.items()},
+                "last_random_return": _cpu(self.last_random_return)}
 
     def load_agent_state(self, state: dict) -> None:
         self.join()
@@ -694,6 +703,11 @@ class CurriculumMasking(nn.Module):
         self.agent_optimizer.load_state_dict(state["optimizer"])
         scaler = state.get("loss_scaler")  # absent in checkpoints from before agent_precision
         self.loss_scaler = None if scaler is None else _grad_scaler(device, scaler)
+        self.load_rank_state(state)
+
+    def load_rank_state(self, state: dict) -> None:
+        self.join()
+        device = next(self.agent.parameters()).device
         scale = state["reward_scale"]
         self.reward_scale = None if scale is None else scale.to(device)
         self.pending = [Rollout(ro["image_feats"], ro["text_feats"], ro["text_padding"], ro["lengths"],
@@ -736,6 +750,10 @@ class CurriculumMasking(nn.Module):
         if prefix + "_extra_state" in state_dict:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
+
+
+def _cpu(value):
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def _grad_scaler(device: torch.device, state: Optional[dict] = None) -> torch.amp.GradScaler:

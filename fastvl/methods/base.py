@@ -6,7 +6,8 @@ generator, agent), so one ``state_dict`` checkpoints all of it. The trainer only
 - ``forward(batch) -> dict``: ``"loss"`` (the weighted total, differentiable) plus one detached
   scalar per named loss and any extra metrics (``"temperature"``, ``"mrm_pred_std"``, ...);
 - ``after_step(step)``: called after each optimizer step (EMA updates, agent updates, ...);
-- ``scorer``: a ``RetrievalScorer`` the eval uses (ITC embeddings and the ITM re-ranker).
+- ``scorer``: a ``RetrievalScorer`` the eval uses (ITC embeddings and the ITM re-ranker);
+- ``rank_state()`` / ``load_rank_state()``: what differs between ranks, saved per rank.
 """
 from __future__ import annotations
 
@@ -85,6 +86,20 @@ class Recipe(nn.Module):
         teachers or agents extend it (and call this)."""
         self.current_step = step
         self.step.fill_(step)
+
+    def rank_state(self) -> dict:
+        """What differs between the ranks of a multi-process run and must come back to the same rank on
+        resume, by submodule name: each submodule's ``rank_state()`` (C-Mask's curriculum: its pending
+        rollouts). Everything else is the same on every rank and travels in ``state_dict``, which
+        ZeRO 0-2 write from rank 0 only; the trainer saves this per rank."""
+        return {name: module.rank_state() for name, module in self.named_modules()
+                if module is not self and hasattr(module, "rank_state")}
+
+    def load_rank_state(self, state: dict) -> None:
+        """Restore this rank's ``rank_state`` (after ``load_state_dict``, which brought rank 0's)."""
+        modules = dict(self.named_modules())
+        for name, part in state.items():
+            modules[name].load_rank_state(part)
 
     @property
     def scorer(self) -> RetrievalScorer:

@@ -10,9 +10,10 @@ Layout of a run directory::
     RUN_DIR/model_fp32.pt          consolidated fp32 weights + config, written at the end of training
 
 The client state of a checkpoint holds what DeepSpeed does not know about: the step, samples seen,
-the resolved config, and per rank the data-stream position and the RNG states (python, numpy, torch
-CPU and CUDA), gathered from every rank because ZeRO stages 0-2 write the client state from rank 0
-only. Everything a recipe carries (EMA teacher, agent, step counter) lives in its ``state_dict``.
+the resolved config, and per rank the data-stream position, the recipe's ``rank_state`` (C-Mask's
+pending rollouts) and the RNG states (python, numpy, torch CPU and CUDA), gathered from every rank
+because ZeRO stages 0-2 write the client state from rank 0 only. Everything else a recipe carries (EMA
+teacher, agent, step counter) is the same on every rank and lives in its ``state_dict``.
 """
 from __future__ import annotations
 

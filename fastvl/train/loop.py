@@ -157,6 +157,7 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
     if resumed is not None:
         step, samples_seen = resumed["step"], resumed["samples_seen"]
         stream.load_state_dict(resumed["rank"]["data"])
+        recipe.load_rank_state(resumed["rank"].get("recipe", {}))  # absent in older checkpoints
         # the recipe's own step counter came back with its state_dict
 
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * world
@@ -261,4 +262,5 @@ def current_loss_scale(optimizer) -> Optional[float]:
 def _save(engine: Engine, cfg: RunConfig, step: int, samples_seen: int, stream: DataStream) -> Path:
     return ckpt.save_checkpoint(engine.ds, Path(cfg.train.output_dir), step,
                                 {"samples_seen": samples_seen, "config": cfg.to_dict()},
-                                {"data": stream.state_dict()}, cfg.train.keep_last)
+                                {"data": stream.state_dict(), "recipe": engine.recipe.rank_state()},
+                                cfg.train.keep_last)

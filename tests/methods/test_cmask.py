@@ -579,6 +579,34 @@ def test_state_dict_restores_agent_optimizer_and_pending_rollout(precision):
         torch.testing.assert_close(v, w)
 
 
+def test_each_rank_resumes_its_own_rollout():
+    """ZeRO 0-2 write the module state (with rank 0's pending rollout in the agent's extra state) from
+    rank 0 only; the trainer saves every rank's ``rank_state`` beside it. A rank that loads rank 0's
+    module state and then its own rank state has rank 0's agent (the same on every rank in a real
+    run) and its own rollout, reward scale and metrics."""
+    rank0, rank1 = build(seed=8).train(), build(seed=8).train()
+    for step in range(2):  # each rank sees its own slice of the data
+        rank0(make_batch(step))
+        rank1(make_batch(10 + step))
+        for recipe in (rank0, rank1):
+            recipe.after_step(step + 1)
+    module_state, own = rank0.state_dict(), rank1.rank_state()
+    assert set(own) == {"curriculum"}
+    resumed = build(seed=99).train()
+    resumed.load_state_dict(module_state)
+    resumed.load_rank_state(own)
+    mine, theirs, got = rank1.curriculum, rank0.curriculum, resumed.curriculum
+    for (name, w), v in zip(theirs.agent.state_dict().items(), got.agent.state_dict().values()):
+        assert torch.equal(w, v), name
+    assert len(got.pending) == 1 and got.pending[0].step == mine.pending[0].step
+    for x, y in zip(got.pending[0].sample, mine.pending[0].sample):
+        assert torch.equal(x, y)
+    assert torch.equal(got.pending[0].text_feats, mine.pending[0].text_feats)
+    assert not torch.equal(got.pending[0].text_feats, theirs.pending[0].text_feats)
+    torch.testing.assert_close(got.reward_scale, mine.reward_scale)
+    assert float(got.last_metrics["agent_value_loss"]) == float(mine.last_metrics["agent_value_loss"])
+
+
 def test_a_checkpoint_from_before_the_count_scaled_value_head_loads_with_its_value():
     """Checkpoints whose value head had one output (V = head(state)) load with a = 0, b = that V: the
     agent values every state as before, and PPO continues from the padded Adam moments."""
@@ -731,6 +759,8 @@ def test_trainer_resume_restores_the_agent(synth, tmp_path, grad_accum):
     straight = read_rows(train(run_config(synth, tmp_path / "a", *common), progress=False).metrics)
     train(run_config(synth, tmp_path / "b", *common, "train.save_every=1"), progress=False, stop_at=2)
     resumed = read_rows(train(run_config(synth, tmp_path / "b", *common, "train.resume=true"), progress=False).metrics)
+    saved = torch.load(tmp_path / "b" / "step_2" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert len(saved["ranks"][0]["recipe"]["curriculum"]["pending"]) == 1  # the rank's rollout, saved per rank
     last_straight, last_resumed = straight[-1], [r for r in resumed if r["step"] == 3][0]
     for name in ("loss", "glm", "reward", "policy_entropy", "agent_value_loss", "agent_policy_loss"):
         assert last_resumed[name] == pytest.approx(last_straight[name], rel=1e-4, abs=1e-5), name
