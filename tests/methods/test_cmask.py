@@ -6,6 +6,7 @@ agent, its optimizer and the pending rollout (by state_dict and through the trai
 validated, and end-to-end runs on the built-in data (losses fall; ZeRO-2 in bf16)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -763,6 +764,39 @@ def test_trainer_resume_restores_the_agent(synth, tmp_path, grad_accum):
     assert len(saved["ranks"][0]["recipe"]["curriculum"]["pending"]) == 1  # the rank's rollout, saved per rank
     last_straight, last_resumed = straight[-1], [r for r in resumed if r["step"] == 3][0]
     for name in ("loss", "glm", "reward", "policy_entropy", "agent_value_loss", "agent_policy_loss"):
+        assert last_resumed[name] == pytest.approx(last_straight[name], rel=1e-4, abs=1e-5), name
+
+
+def test_two_process_resume_matches_a_straight_run(synth, tmp_path):
+    """2 processes through the deepspeed launcher (ZeRO-2): 4 steps straight vs 2 steps, then resume to
+    4. Each rank's pending rollout and reward scale must come back to that rank (rank 1 learning from
+    rank 0's rollout changes the averaged PPO update at step 3, and so step 4's masks and losses)."""
+    import subprocess
+
+    from tests.train.test_distributed import LAUNCHER, clean_env, free_port
+
+    if not LAUNCHER.exists():
+        pytest.skip("the deepspeed launcher is not installed next to this interpreter")
+    root = Path(__file__).resolve().parents[2]
+
+    def launch(out_dir, *overrides):
+        sets = quick_run(synth, out_dir, "data.batch_size=4", "train.precision=fp32", "train.zero_stage=2",
+                         "train.warmup_steps=1", "train.min_lr_ratio=1.0",  # the LR does not depend on train.steps
+                         "method.options.random_reward_every=1", *overrides)
+        command = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "fastvl.train",
+                   "--config", CONFIG, "--set", *sets]
+        done = subprocess.run(command, cwd=root, env=clean_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return read_rows(out_dir / "metrics.jsonl")
+
+    straight = launch(tmp_path / "a", "train.steps=4")
+    launch(tmp_path / "b", "train.steps=2", "train.save_every=2")
+    resumed = launch(tmp_path / "b", "train.steps=4", "train.resume=true")
+    assert '"world_size": 2' in (tmp_path / "b" / "run.json").read_text()
+    last_straight, last_resumed = straight[-1], resumed[-1]
+    assert last_straight["step"] == last_resumed["step"] == 4
+    for name in ("loss", "glm", "itc", "reward", "reward_random", "policy_entropy", "agent_value_loss",
+                 "agent_policy_loss"):
         assert last_resumed[name] == pytest.approx(last_straight[name], rel=1e-4, abs=1e-5), name
 
 
