@@ -59,16 +59,6 @@ def save_reconstruction_grid(recipe, batch: Batch, out: str | Path, step: int = 
     return out
 
 
-def first_batch(cfg, data: str, samples: int) -> Batch:
-    """The first ``samples`` samples of ``data`` (eval order: centre crops, no shuffling)."""
-    from ..data.loader import build_loader
-
-    cfg.data.eval, cfg.data.batch_size, cfg.data.num_workers = data, samples, 0
-    for batch in build_loader(cfg, "eval", max_samples=samples, with_negatives=False):
-        return batch
-    raise ConfigError(f"--data: no samples in {data}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvl.eval.reconstruct", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="run directory, step_<N> folder or model_fp32.pt")
@@ -82,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from ..train.checkpoint import load_recipe
+        from .loading import recipe_and_batches
 
         if args.samples < 1:
             raise ConfigError("--samples must be positive")
-        recipe, cfg, _ = load_recipe(args.checkpoint)
-        batch = first_batch(cfg, args.data, args.samples)
+        recipe, _, _, batches = recipe_and_batches(args.checkpoint, args.data, args.samples, args.samples)
+        batch = next(iter(batches), None)  # the first samples of data, in eval order
+        if batch is None:
+            raise ConfigError(f"--data: no samples in {args.data}")
         path = save_reconstruction_grid(recipe, batch, args.out, args.step)
     except ConfigError as error:
         print(f"python -m fastvl.eval.reconstruct: error: {error}", file=sys.stderr)

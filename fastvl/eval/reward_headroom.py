@@ -30,23 +30,17 @@ from ..config import ConfigError
 from ..data.batch import Batch
 
 
-@torch.no_grad()
 def episode_returns(recipe, batch: Batch, draw: int, random: bool) -> torch.Tensor:
-    """G [B] of one mask per caption of ``batch``: random (same quota) or the learned policy's, drawn
-    with key ``draw``; the running reward scale is read, not updated."""
+    """G [B] of one random (same quota) or learned mask per caption of ``batch``, drawn with key ``draw``."""
     _, image_feats, text_feats, image_states = recipe.shared_features(batch, need_itc=False)
-    choice = recipe.curriculum.select(image_feats, text_feats, batch.attention_mask, draw, random=random)
-    glm = recipe.glm_inputs(batch, choice)
-    _, meter = recipe.generalized_lm(batch, glm, image_states)
-    _, returns = recipe.curriculum.compute_return(meter, glm.predict, recipe.caption_rows(batch, glm), False)
-    return returns.float()
+    return recipe.episode_returns(batch, image_feats, text_feats, image_states, draw, random)
 
 
 @torch.no_grad()
 def reward_headroom(recipe, batches: Iterable[Batch], masks: int = 16, seed: int = 0,
                     progress: bool = False) -> dict:
     """The module docstring's statistics over ``batches`` (``masks`` >= 1 random masks per caption)."""
-    if not (hasattr(recipe, "curriculum") and hasattr(recipe, "generalized_lm")):
+    if not hasattr(recipe, "episode_returns"):
         raise ConfigError("reward headroom needs a C-Mask checkpoint (method.name='cmask')")
     if masks < 1:
         raise ConfigError("--masks must be at least 1")
@@ -93,14 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from ..data.loader import build_loader
-        from ..train.checkpoint import load_recipe
+        from .loading import recipe_and_batches
 
         if args.samples < 1 or args.batch_size < 1:
             raise ConfigError("--samples and --batch-size must be at least 1")
-        recipe, cfg, step = load_recipe(args.checkpoint)
-        cfg.data.eval, cfg.data.batch_size, cfg.data.num_workers = args.data, args.batch_size, 0
-        batches = build_loader(cfg, "eval", max_samples=args.samples, with_negatives=False)
+        recipe, _, step, batches = recipe_and_batches(args.checkpoint, args.data, args.samples, args.batch_size)
         result = reward_headroom(recipe, batches, args.masks, args.seed, progress=True)
     except ConfigError as error:
         print(f"python -m fastvl.eval.reward_headroom: error: {error}", file=sys.stderr)

@@ -99,17 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from ..data.loader import build_loader
         from ..masking import special_tokens
-        from ..train.checkpoint import load_recipe
+        from .loading import recipe_and_batches
 
         if args.samples < 2 or args.batch_size < 2:
             raise ConfigError("--samples and --batch-size must be at least 2")
         if not 0.0 < args.mask_probability < 1.0:
             raise ConfigError("--mask-probability must be in (0, 1)")
-        recipe, cfg, step = load_recipe(args.checkpoint)
-        cfg.data.eval, cfg.data.batch_size, cfg.data.num_workers = args.data, args.batch_size, 0
-        batches = build_loader(cfg, "eval", max_samples=args.samples, with_negatives=False)
+        recipe, cfg, step, batches = recipe_and_batches(args.checkpoint, args.data, args.samples, args.batch_size)
         result = swapped_context_similarity(recipe, batches, special_tokens(cfg).mask, args.mask_probability,
                                             args.seed)
     except ConfigError as error:

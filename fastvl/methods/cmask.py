@@ -218,15 +218,16 @@ class CMask(Recipe):
         rows[:, :glm.caption_length] = batch.attention_mask.bool()
         return rows
 
-    def measure_random(self, batch: Batch, image_feats, text_feats, image_states) -> torch.Tensor:
-        """Mean G of a random same-quota mask on this batch (no gradient, no scale update)."""
-        with torch.no_grad():
-            choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, self.draw_step,
-                                            random=True)
-            glm = self.glm_inputs(batch, choice)
-            _, meter = self.generalized_lm(batch, glm, None if image_states is None else image_states.detach())
-            _, returns = self.curriculum.compute_return(meter, glm.predict, self.caption_rows(batch, glm), False)
-        return returns.mean()
+    @torch.no_grad()
+    def episode_returns(self, batch: Batch, image_feats, text_feats, image_states, draw: int,
+                        random: bool = True) -> torch.Tensor:
+        """G [B] of one mask per caption drawn with key ``draw``: a random same-quota mask, or the
+        policy's (``random=False``); no gradient, the running reward scale is read, not updated."""
+        choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, draw, random=random)
+        glm = self.glm_inputs(batch, choice)
+        _, meter = self.generalized_lm(batch, glm, None if image_states is None else image_states.detach())
+        _, returns = self.curriculum.compute_return(meter, glm.predict, self.caption_rows(batch, glm), False)
+        return returns.float()
 
     # -- the recipe -----------------------------------------------------------------------------
 
@@ -253,7 +254,8 @@ class CMask(Recipe):
             metrics["reward_per_token"] = reward[predict].mean() if predict.any() else returns.new_zeros(())
         if o.random_reward_every and (self.curriculum.last_random_return is None
                                       or self.current_step % o.random_reward_every == 0):
-            self.curriculum.last_random_return = self.measure_random(batch, image_feats, text_feats, image_states)
+            self.curriculum.last_random_return = self.episode_returns(batch, image_feats, text_feats, image_states,
+                                                                      self.draw_step).mean()
         if self.curriculum.last_random_return is not None:
             metrics["reward_random"] = self.curriculum.last_random_return
         metrics["policy_entropy"] = choice.entropy.float().mean()
