@@ -7,7 +7,8 @@ Pieces (each usable on its own, tested in tests/methods/test_cmask.py):
   entropy coefficient 0.1, agent LR 1e-4, whole-batch updates).
 - ``MaskingAgent``: input projections of the *shared* backbone features (the main model's first half
   of layers; they arrive detached, so no gradient reaches the backbone from the agent) + its own
-  ``agent_layers`` BERT layers over ``[image | text]`` + heads: start logits (p = softmax over the
+  ``agent_layers`` BERT layers, in which the caption attends over ``[image | caption]`` (the image rows
+  fixed by default, ``agent_image_rows``) + heads: start logits (p = softmax over the
   valid word positions), span continuation (s = sigmoid), order scores (q, Plackett-Luce logits) and
   a value head: V(s) = m a(s) + b(s), with (a, b) from the mean-pooled caption state and m the tokens
   the quota masks. G sums the reward over the m predicted tokens, so it grows with the caption; a
@@ -76,6 +77,7 @@ SPAN_MODES = ("learned", "random", "none")
 ORDER_MODES = ("learned", "random", "left_to_right", "single")
 LAYER_NORMS = ("running", "batch", "none")
 AGENT_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AGENT_IMAGE_ROWS = ("fixed", "updated")
 
 
 @dataclass
@@ -92,6 +94,12 @@ class CurriculumOptions:
     """Factorization order: "learned" (Plackett-Luce over q), "random", "left_to_right", "single" (one step = MLM)."""
     agent_layers: int = 4
     """The agent's own transformer layers on top of the shared ones (paper: 4, algorithm 1: 3)."""
+    agent_image_rows: str = "fixed"
+    """What the agent's layers do with the image rows. "fixed": every layer reads the shared image
+    features as keys and values and updates only the caption rows, the way the fusion encoder of the
+    paper's Fig. 2 layout reads the image (every head reads only the caption); "updated": every layer is
+    joint self-attention over ``[image | caption]`` that also updates the image rows, 2.7x the agent's
+    FLOPs at base size (197 image rows per 40 caption rows). The same with one layer."""
     shared_layers: Optional[int] = None
     """Backbone layers shared with the agent; None = half of them (paper: 6 of 12)."""
     agent_lr: float = 1e-4
@@ -128,6 +136,7 @@ class CurriculumOptions:
         check(0.0 <= self.random_span_prob < 1.0, "random_span_prob must be in [0, 1)")
         check(self.order in ORDER_MODES, f"order must be one of {ORDER_MODES}")
         check(self.agent_layers >= 0, "agent_layers must be >= 0")
+        check(self.agent_image_rows in AGENT_IMAGE_ROWS, f"agent_image_rows must be one of {AGENT_IMAGE_ROWS}")
         check(self.shared_layers is None or self.shared_layers >= 0, "shared_layers must be >= 0")
         check(self.agent_lr > 0, "agent_lr must be positive")
         check(self.ppo_clip > 0, "ppo_clip must be positive")
@@ -165,25 +174,28 @@ AGENT_METRICS = ("agent_value_loss", "agent_policy_loss", "agent_entropy", "agen
 class MaskingAgent(nn.Module):
     """Own layers + heads over the shared features ``[image | text]`` (all fp32).
 
-    Every layer is joint self-attention over ``[image | text]``; the last one computes the caption rows
-    only (queries = caption, keys/values = all rows, the same weights), because every head reads the
-    caption: the action heads per word and the value head as the mean of the caption's real rows. Its
-    row-wise work (output projection, FFN, heads) runs on the real caption rows only, packed, on CPU
-    (``pack_rows``): padded rows are never read. With one layer the image rows give only that layer's
-    keys and values, so ``image_in`` is folded into their projection. All of it is exact: the outputs
-    at the real rows equal those of the full joint layer stack (tested)."""
+    Every head reads the caption: the action heads per word and the value head as the mean of the
+    caption's real rows. So the image rows only give keys and values: with ``image_rows="fixed"`` in
+    every layer (projected from the shared features, all layers' in one matrix product), with
+    "updated" in the last one, after joint layers that update them too. The caption layers' row-wise
+    work (output projection, FFN, heads) runs on the real caption rows only, packed, on CPU
+    (``pack_rows``): padded rows are never read. With one layer ``image_in`` is folded into the
+    key/value projection. All of it is exact: the outputs at the real rows equal those of the plain
+    layer stack (tested)."""
 
-    def __init__(self, image_width: int, text_width: int, width: int, heads: int, intermediate: int, layers: int):
+    def __init__(self, image_width: int, text_width: int, width: int, heads: int, intermediate: int, layers: int,
+                 image_rows: str = "fixed"):
         super().__init__()
         self.image_in = nn.Linear(image_width, width)
         self.text_in = nn.Linear(text_width, width)
         self.modality = nn.Parameter(torch.zeros(2, width))
         self.layers = nn.ModuleList(BertLayer(width, heads, intermediate, "sdpa", 0.0) for _ in range(layers))
+        self.image_rows = image_rows
         self.action_heads = nn.Linear(width, 3)  # start logit, continuation logit, order score
         # (a, b) of V(s) = m a + b: a per-token return and an offset (see the module docstring)
         self.value_head = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2))
-        # the last layer's row-wise work on the real caption rows only; None = on CPU only (counting the
-        # rows is a host sync on CUDA, where padded rows cost little beside the main model)
+        # the caption layers' row-wise work on the real caption rows only; None = on CPU only (counting
+        # the rows is a host sync on CUDA, where padded rows cost little beside the main model)
         self.pack_rows: Optional[bool] = None
         self.apply(init_weights)
 
@@ -198,21 +210,21 @@ class MaskingAgent(nn.Module):
         if not len(self.layers):
             caption = text.flatten(0, 1).index_select(0, rows)
         else:
-            attn = self.layers[-1].attention.self
-            kv_weight = torch.cat([attn.key.weight, attn.value.weight])
-            kv_bias = torch.cat([attn.key.bias, attn.value.bias])
-            if len(self.layers) == 1:
-                # the image rows only give this layer's keys and values: one projection straight from the features
-                image_kv = F.linear(image_feats.float(), kv_weight @ self.image_in.weight,
-                                    kv_weight @ (self.image_in.bias + self.modality[0]) + kv_bias)
-            else:
+            caption_layers = self.layers
+            if self.image_rows == "updated" and len(self.layers) > 1:
                 x = torch.cat([self.image_in(image_feats.float()) + self.modality[0], text], dim=1)
                 padding = torch.cat([real.new_ones(b, n_img), real], 1)
                 for layer in self.layers[:-1]:
                     x = layer(x, padding)
-                image_kv = F.linear(x[:, :n_img], kv_weight, kv_bias)
-                text = x[:, n_img:]
-            caption = self._caption_rows(text, image_kv, kv_weight, kv_bias, real, rows)  # [rows, W]
+                caption_layers, text = self.layers[-1:], x[:, n_img:]
+                image_kv = [F.linear(x[:, :n_img], *_key_value(self.layers[-1]))]
+            else:
+                image_kv = self._fixed_image_kv(image_feats.float())
+            for i, (layer, kv) in enumerate(zip(caption_layers, image_kv)):
+                if i:  # the previous layer's caption rows [rows, W] back in place, [B, L, W]
+                    text = caption.new_zeros(b * length, caption.shape[1]).index_copy(0, rows, caption)
+                    text = text.view(b, length, -1)
+                caption = self._caption_rows(layer, text, kv, real, rows)  # [rows, W]
         heads = self.action_heads(caption)  # under autocast the heads' dtype may differ from the caption's
         actions = heads.new_zeros(b * length, 3).index_copy(0, rows, heads)
         start, cont, order = actions.view(b, length, 3).unbind(-1)
@@ -222,20 +234,37 @@ class MaskingAgent(nn.Module):
         per_token, offset = self.value_head(pooled).float().unbind(-1)
         return AgentOutput(start, cont, order, masked.to(per_token.dtype) * per_token + offset)
 
-    def _caption_rows(self, text, image_kv, kv_weight, kv_bias, real, rows) -> torch.Tensor:
-        """The last layer at the caption ``rows`` (flat indices into [B, L]): queries from the caption,
-        keys/values from ``[image | caption]`` (``image_kv`` = the image rows' projections by the
-        layer's stacked key/value weights ``kv_weight``, ``kv_bias``)."""
-        last = self.layers[-1]
-        attn, width = last.attention.self, text.shape[-1]
+    def _fixed_image_kv(self, image_feats: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's keys/values of the (not updated) image rows, [B, N, 2W] each, in one product."""
+        weight, bias = (torch.cat(t) for t in zip(*(_key_value(layer) for layer in self.layers)))
+        image_bias = self.image_in.bias + self.modality[0]
+        # one layer: image_in folded into the keys/values (cheaper wherever the image rows outnumber the 2W
+        # outputs; a rule of the shapes would make the rounding depend on the batch size)
+        if len(self.layers) == 1:
+            kv = F.linear(image_feats, weight @ self.image_in.weight, weight @ image_bias + bias)
+        else:
+            kv = F.linear(F.linear(image_feats, self.image_in.weight, image_bias), weight, bias)
+        return list(kv.split(weight.shape[0] // len(self.layers), -1))
+
+    def _caption_rows(self, layer: BertLayer, text, image_kv, real, rows) -> torch.Tensor:
+        """``layer`` at the caption ``rows`` (flat indices into [B, L]): queries from the caption ``text``
+        [B, L, W], keys/values from ``[image | caption]`` (``image_kv`` = the image rows' keys and values)."""
+        attn, width = layer.attention.self, text.shape[-1]
+        kv_weight, kv_bias = _key_value(layer)
         qkv = F.linear(text, torch.cat([attn.query.weight, kv_weight]), torch.cat([attn.query.bias, kv_bias]))
         query, text_kv = qkv.split([width, 2 * width], -1)
         key, value = torch.cat([image_kv, text_kv], 1).split(width, -1)
         padding = torch.cat([real.new_ones(real.shape[0], image_kv.shape[1]), real], 1)
         attended = attn.attend(*(split_heads(t, attn.heads) for t in (query, key, value)), padding)
         attended, residual = (t.flatten(0, 1).index_select(0, rows) for t in (merge_heads(attended), text))
-        hidden = last.attention.output(attended, residual)
-        return last.output(last.intermediate(hidden), hidden)
+        hidden = layer.attention.output(attended, residual)
+        return layer.output(layer.intermediate(hidden), hidden)
+
+
+def _key_value(layer: BertLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [2W, W], bias [2W]) of ``layer``'s key and value projections, stacked."""
+    attn = layer.attention.self
+    return torch.cat([attn.key.weight, attn.value.weight]), torch.cat([attn.key.bias, attn.value.bias])
 
 
 def agent_compute_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -354,7 +383,8 @@ class CurriculumMasking(nn.Module):
         super().__init__()
         self.options = options
         self.seed = seed
-        agent = MaskingAgent(image_width, text_width, width, heads, intermediate, options.agent_layers)
+        agent = MaskingAgent(image_width, text_width, width, heads, intermediate, options.agent_layers,
+                             options.agent_image_rows)
         # held outside the module tree: fp32, own optimizer, invisible to DeepSpeed (see module docstring)
         object.__setattr__(self, "agent", agent)
         # fused: one kernel for all parameters, not one per tensor
@@ -674,6 +704,7 @@ class CurriculumMasking(nn.Module):
         and ``rank_state``."""
         self.join()
         return {"agent": {k: _cpu(v) for k, v in self.agent.state_dict().items()},
+                "agent_image_rows": self.agent.image_rows,
                 "optimizer": self.agent_optimizer.state_dict(),
                 "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
                 **self.rank_state()}
@@ -698,6 +729,13 @@ class CurriculumMasking(nn.Module):
 
     def load_agent_state(self, state: dict) -> None:
         self.join()
+        # the same weights compute a different function in the other mode (checkpoints from before the
+        # option have joint layers)
+        saved = state.get("agent_image_rows", "updated")
+        if saved != self.agent.image_rows and len(self.agent.layers) > 1:
+            raise ConfigError(f"this checkpoint's masking agent was trained with method.options.agent_image_rows="
+                              f"'{saved}', the run asks for '{self.agent.image_rows}': set it to '{saved}' to "
+                              f"resume this agent")
         device = next(self.agent.parameters()).device
         self.agent.load_state_dict(self._upgrade_value_head(state))
         self.agent_optimizer.load_state_dict(state["optimizer"])

@@ -41,8 +41,8 @@ Choices where the paper is vague (all config values):
 
 - Shared features: the paper's agent reads the first 6 layers of the main model on the (unmasked)
   input. Here they are the multiway model's first ``shared_layers`` blocks of the image-only and
-  text-only passes that ITC runs anyway (VLMo's unimodal passes), detached; the agent's own layers
-  then attend jointly over ``[image | text]``. On ALBEF they are the ViT output and the text
+  text-only passes that ITC runs anyway (VLMo's unimodal passes), detached; in the agent's own layers
+  the caption then attends over ``[image | caption]`` (see below). On ALBEF they are the ViT output and the text
   encoder output (BERT's first half). With ITC off the shared blocks run under ``no_grad``.
 - Reward rows: the pseudo-mask rows for the masked tokens ("sum over masked", one row per masked
   token) and every real caption row for the mean; sources: every image token ([CLS] + patches).
@@ -63,6 +63,12 @@ Choices where the paper is vague (all config values):
   the caption rows only (every head reads the caption; see ``MaskingAgent``), and gives V = m a + b
   with m the tokens the quota masks: G sums R over those m tokens, so V follows its growth with the
   caption's length, which a mean-pooled state hardly shows.
+- The agent's own layers (``agent_image_rows``): the paper gives their number (3-4), not their kind.
+  By default ("fixed") each is a fusion layer as in its Fig. 2 layout: the caption rows attend over
+  ``[image | caption]`` and are updated, while the image rows stay the shared features, read as keys
+  and values in every layer. Every head reads the caption, so nothing is lost that a head reads, and
+  at base size (197 image rows per 40 caption rows) the agent costs 0.37x the FLOPs of joint layers
+  that also update the image rows ("updated"). With one agent layer (tiny) the two are the same.
 - Agent precision (``agent_precision``): fp32 weights and Adam; on CUDA its layers compute in bf16
   (fp16 with its own loss scaler where bf16 is missing) beside the half-precision main model, so the
   side stream can keep up with the main step; on CPU bf16 where it is native, else fp32.

@@ -262,25 +262,29 @@ def chosen_log_prob(curriculum, rollout):
 
 @pytest.mark.parametrize("pack_rows", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("layers", [0, 1, 3])
-def test_agent_last_layer_computes_exactly_the_joint_caption_rows(layers, pack_rows):
-    """The agent's last layer runs only the caption rows (packed: only the real ones; with one layer
-    the image projection folded into its keys/values): they must equal the caption rows of the full
-    joint layer stack over [image | text], with padded words excluded as keys; and so must the gradients
-    of every agent parameter (PPO trains through this path)."""
+@pytest.mark.parametrize("image_rows", ["fixed", "updated"])
+def test_agent_computes_exactly_the_caption_rows_of_its_layer_stack(layers, pack_rows, image_rows):
+    """The agent runs only what its heads read: the caption rows (packed: only the real ones), the image
+    rows as keys/values (with one layer, image_in folded into their projection). The outputs
+    must equal those of the plain stack of joint layers over [image | text], where "fixed" keeps the
+    image rows as they entered and "updated" carries them on, with padded words excluded as keys; and so
+    must the gradients of every agent parameter (PPO trains through this path)."""
     from fastvl.masking.curriculum import MaskingAgent
 
     torch.manual_seed(layers)
-    agent = MaskingAgent(24, 16, 32, 4, 64, layers).eval()
+    agent = MaskingAgent(24, 16, 32, 4, 64, layers, image_rows).eval()
     agent.pack_rows = pack_rows
-    image, text = torch.randn(3, 5, 24), torch.randn(3, 7, 16)
+    n_image = 5
+    image, text = torch.randn(3, n_image, 24), torch.randn(3, 7, 16)
     text_padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]]).bool()
     masked = torch.tensor([3.0, 2.0, 3.0])
     out = agent(image, text, text_padding, masked)
     x = torch.cat([agent.image_in(image) + agent.modality[0], agent.text_in(text) + agent.modality[1]], 1)
-    padding = torch.cat([torch.ones(3, 5, dtype=torch.bool), text_padding], 1)
+    padding = torch.cat([torch.ones(3, n_image, dtype=torch.bool), text_padding], 1)
     for layer in agent.layers:
-        x = layer(x, padding)
-    caption = x[:, 5:]
+        updated = layer(x, padding)
+        x = updated if image_rows == "updated" else torch.cat([x[:, :n_image], updated[:, n_image:]], 1)
+    caption = x[:, n_image:]
     start, cont, order = agent.action_heads(caption).unbind(-1)
     real = text_padding.float().unsqueeze(-1)
     per_token, offset = agent.value_head((caption * real).sum(1) / real.sum(1)).unbind(-1)
@@ -298,6 +302,10 @@ def test_agent_last_layer_computes_exactly_the_joint_caption_rows(layers, pack_r
     got = grads(out.start_logits, out.cont_logits, out.order_scores, out.value)
     for name, g, w in zip(names, got, grads(start, cont, order, value)):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+    if layers > 1:  # the two modes are different functions of the same weights
+        other = "updated" if image_rows == "fixed" else "fixed"
+        agent.image_rows = other
+        assert not torch.allclose(agent(image, text, text_padding, masked).start_logits, out.start_logits)
 
 
 def build_agent_in(precision, **options):
@@ -309,9 +317,10 @@ def build_agent_in(precision, **options):
     return recipe
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_ppo_with_positive_advantage_raises_the_chosen_action(precision):
-    options = dict(entropy_coef=0.0, value_coef=0.0, agent_lr=1e-3)
+@pytest.mark.parametrize("precision, layers", [("fp32", 1), ("bf16", 1), ("fp16", 1), ("fp32", 3)],
+                         ids=["fp32", "bf16", "fp16", "fp32-3-layers"])
+def test_ppo_with_positive_advantage_raises_the_chosen_action(precision, layers):
+    options = dict(entropy_coef=0.0, value_coef=0.0, agent_lr=1e-3, agent_layers=layers)
     recipe = build_agent_in(precision, **options)
     rollout = rollout_for(recipe)
     before, _ = chosen_log_prob(recipe.curriculum, rollout)
@@ -639,6 +648,25 @@ def test_a_checkpoint_from_before_the_count_scaled_value_head_loads_with_its_val
     rollout.returns = torch.randn_like(rollout.returns)
     fresh.curriculum.ppo_update(rollout)  # the padded moments fit the parameters
     assert all(torch.isfinite(p).all() for p in fresh.curriculum.agent.parameters())
+
+
+
+def test_an_agent_resumes_only_in_the_image_row_mode_it_was_trained_in():
+    """The same weights compute a different function with fixed or updated image rows: a checkpoint
+    names its mode, and one from before the option (joint layers, "updated") must not load silently into
+    a multi-layer "fixed" agent. With one layer the modes are the same function and both load."""
+    state = build(seed=3, agent_layers=2, agent_image_rows="updated").curriculum.agent_state()
+    with pytest.raises(ConfigError, match="agent_image_rows='updated'"):
+        build(seed=4, agent_layers=2, agent_image_rows="fixed").curriculum.load_agent_state(state)
+    del state["agent_image_rows"]  # as written before the option existed
+    with pytest.raises(ConfigError, match="agent_image_rows='updated'"):
+        build(seed=4, agent_layers=2).curriculum.load_agent_state(state)
+    resumed = build(seed=4, agent_layers=2, agent_image_rows="updated").curriculum
+    resumed.load_agent_state(state)
+    for name, value in resumed.agent.state_dict().items():
+        assert torch.equal(value, state["agent"][name]), name
+    one_layer = build(seed=3, agent_layers=1, agent_image_rows="updated").curriculum.agent_state()
+    build(seed=4, agent_layers=1, agent_image_rows="fixed").curriculum.load_agent_state(one_layer)
 
 
 # -- composition: the curriculum as MAMO's text-view policy ------------------------------------------
