@@ -30,12 +30,6 @@ from ..config import ConfigError
 from ..data.batch import Batch
 
 
-def episode_returns(recipe, batch: Batch, draw: int, random: bool) -> torch.Tensor:
-    """G [B] of one random (same quota) or learned mask per caption of ``batch``, drawn with key ``draw``."""
-    _, image_feats, text_feats, image_states = recipe.shared_features(batch, need_itc=False)
-    return recipe.episode_returns(batch, image_feats, text_feats, image_states, draw, random)
-
-
 @torch.no_grad()
 def reward_headroom(recipe, batches: Iterable[Batch], masks: int = 16, seed: int = 0,
                     progress: bool = False) -> dict:
@@ -49,12 +43,13 @@ def reward_headroom(recipe, batches: Iterable[Batch], masks: int = 16, seed: int
     randoms, learned = [], []
     draw = seed * 1_000_003
     for batch in tqdm(batches, desc="reward headroom", unit="batch", disable=not progress):
+        _, *features = recipe.shared_features(batch, need_itc=False)  # the same for every mask of the batch
         per_mask = []
         for _ in range(masks):
-            per_mask.append(episode_returns(recipe, batch, draw, random=True))
+            per_mask.append(recipe.episode_returns(batch, *features, draw, random=True))
             draw += 1
         randoms.append(torch.stack(per_mask))  # [masks, B]
-        learned.append(episode_returns(recipe, batch, draw, random=False))
+        learned.append(recipe.episode_returns(batch, *features, draw, random=False))
         draw += 1
     if not randoms:
         raise ConfigError("reward headroom read no batch")

@@ -203,6 +203,7 @@ class MaskingAgent(nn.Module):
                 masked: torch.Tensor) -> AgentOutput:
         """``masked`` [B]: the tokens the action will mask (the quota's count), V's multiplier."""
         b, n_img, length = image_feats.shape[0], image_feats.shape[1], text_feats.shape[1]
+        width = self.text_in.out_features
         real = text_padding.bool()
         text = self.text_in(text_feats.float()) + self.modality[1]
         pack = self.pack_rows if self.pack_rows is not None else not text.is_cuda
@@ -210,21 +211,24 @@ class MaskingAgent(nn.Module):
         if not len(self.layers):
             caption = text.flatten(0, 1).index_select(0, rows)
         else:
-            caption_layers = self.layers
             if self.image_rows == "updated" and len(self.layers) > 1:
                 x = torch.cat([self.image_in(image_feats.float()) + self.modality[0], text], dim=1)
                 padding = torch.cat([real.new_ones(b, n_img), real], 1)
                 for layer in self.layers[:-1]:
                     x = layer(x, padding)
                 caption_layers, text = self.layers[-1:], x[:, n_img:]
-                image_kv = [F.linear(x[:, :n_img], *_key_value(self.layers[-1]))]
+                projections = [_query_key_value(self.layers[-1])]  # [3W, W], [3W] per caption layer
+                (weight, bias), = projections
+                image_kv = [F.linear(x[:, :n_img], weight[width:], bias[width:])]
             else:
-                image_kv = self._fixed_image_kv(image_feats.float())
-            for i, (layer, kv) in enumerate(zip(caption_layers, image_kv)):
+                caption_layers = self.layers
+                projections = [_query_key_value(layer) for layer in self.layers]
+                image_kv = self._fixed_image_kv(image_feats.float(), projections)
+            for i, (layer, projection, kv) in enumerate(zip(caption_layers, projections, image_kv)):
                 if i:  # the previous layer's caption rows [rows, W] back in place, [B, L, W]
                     text = caption.new_zeros(b * length, caption.shape[1]).index_copy(0, rows, caption)
                     text = text.view(b, length, -1)
-                caption = self._caption_rows(layer, text, kv, real, rows)  # [rows, W]
+                caption = self._caption_rows(layer, projection, text, kv, real, rows)  # [rows, W]
         heads = self.action_heads(caption)  # under autocast the heads' dtype may differ from the caption's
         actions = heads.new_zeros(b * length, 3).index_copy(0, rows, heads)
         start, cont, order = actions.view(b, length, 3).unbind(-1)
@@ -234,9 +238,12 @@ class MaskingAgent(nn.Module):
         per_token, offset = self.value_head(pooled).float().unbind(-1)
         return AgentOutput(start, cont, order, masked.to(per_token.dtype) * per_token + offset)
 
-    def _fixed_image_kv(self, image_feats: torch.Tensor) -> list[torch.Tensor]:
-        """Every layer's keys/values of the (not updated) image rows, [B, N, 2W] each, in one product."""
-        weight, bias = (torch.cat(t) for t in zip(*(_key_value(layer) for layer in self.layers)))
+    def _fixed_image_kv(self, image_feats: torch.Tensor, projections) -> list[torch.Tensor]:
+        """Every layer's keys/values of the (not updated) image rows, [B, N, 2W] each, in one product
+        (``projections``: each layer's ``_query_key_value``)."""
+        width = self.image_in.out_features
+        weight = torch.cat([w[width:] for w, _ in projections])
+        bias = torch.cat([b[width:] for _, b in projections])
         image_bias = self.image_in.bias + self.modality[0]
         # one layer: image_in folded into the keys/values (cheaper wherever the image rows outnumber the 2W
         # outputs; a rule of the shapes would make the rounding depend on the batch size)
@@ -244,14 +251,14 @@ class MaskingAgent(nn.Module):
             kv = F.linear(image_feats, weight @ self.image_in.weight, weight @ image_bias + bias)
         else:
             kv = F.linear(F.linear(image_feats, self.image_in.weight, image_bias), weight, bias)
-        return list(kv.split(weight.shape[0] // len(self.layers), -1))
+        return list(kv.split(2 * width, -1))
 
-    def _caption_rows(self, layer: BertLayer, text, image_kv, real, rows) -> torch.Tensor:
+    def _caption_rows(self, layer: BertLayer, projection, text, image_kv, real, rows) -> torch.Tensor:
         """``layer`` at the caption ``rows`` (flat indices into [B, L]): queries from the caption ``text``
-        [B, L, W], keys/values from ``[image | caption]`` (``image_kv`` = the image rows' keys and values)."""
+        [B, L, W], keys/values from ``[image | caption]`` (``image_kv`` = the image rows' keys and values;
+        ``projection`` = the layer's ``_query_key_value``)."""
         attn, width = layer.attention.self, text.shape[-1]
-        kv_weight, kv_bias = _key_value(layer)
-        qkv = F.linear(text, torch.cat([attn.query.weight, kv_weight]), torch.cat([attn.query.bias, kv_bias]))
+        qkv = F.linear(text, *projection)
         query, text_kv = qkv.split([width, 2 * width], -1)
         key, value = torch.cat([image_kv, text_kv], 1).split(width, -1)
         padding = torch.cat([real.new_ones(real.shape[0], image_kv.shape[1]), real], 1)
@@ -261,10 +268,12 @@ class MaskingAgent(nn.Module):
         return layer.output(layer.intermediate(hidden), hidden)
 
 
-def _key_value(layer: BertLayer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [2W, W], bias [2W]) of ``layer``'s key and value projections, stacked."""
+def _query_key_value(layer: BertLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [3W, W], bias [3W]) of ``layer``'s query, key and value projections, stacked; rows W: are
+    the keys and values."""
     attn = layer.attention.self
-    return torch.cat([attn.key.weight, attn.value.weight]), torch.cat([attn.key.bias, attn.value.bias])
+    return (torch.cat([attn.query.weight, attn.key.weight, attn.value.weight]),
+            torch.cat([attn.query.bias, attn.key.bias, attn.value.bias]))
 
 
 def agent_compute_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
