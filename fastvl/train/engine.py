@@ -71,6 +71,7 @@ def init_distributed() -> tuple[int, int, int]:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
+    release_shared_memory_name(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -80,6 +81,23 @@ def init_distributed() -> tuple[int, int, int]:
         if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return rank, world, local_rank
+
+
+def release_shared_memory_name(rank: int, world: int) -> None:
+    """Unlink this rank's segment of DeepSpeed's CPU shared-memory allreduce (made when every rank runs
+    on one host): DeepSpeed never unlinks it, so each run would leave one ~69 MB file per rank in
+    /dev/shm until reboot, and repeated runs fill the memory. Every rank maps every segment while
+    the process group starts, so after a barrier the names are no longer needed; the mappings live on
+    until the processes exit."""
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if not name.exists():
+        return
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    name.unlink(missing_ok=True)
 
 
 def device_for(local_rank: int) -> torch.device:

@@ -83,10 +83,13 @@ def test_two_process_zero2_matches_one_process(synth_data, tmp_path, padding):
     train(one, build_loader=RankOrderedLoader, progress=False)
 
     overrides = tiny_overrides(synth_data, tmp_path / "two", "data.batch_size=4", *steps)
-    command = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "fastvl.train",
+    port = free_port()
+    command = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(port), "--module", "fastvl.train",
                "--config", str(TINY), "--set", *overrides]
     done = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # DeepSpeed's shared-memory allreduce segments (one per rank, ~69 MB) do not outlive the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
     info = (tmp_path / "two" / "run.json").read_text()
     assert '"world_size": 2' in info and '"zero_stage": 2' in info
