@@ -5,8 +5,9 @@ Pieces (each usable on its own, tested in tests/methods/test_cmask.py):
 
 - ``CurriculumOptions``: every switch, with the paper's defaults (quota 50%, top-8, clip 0.2,
   entropy coefficient 0.1, agent LR 1e-4, whole-batch updates).
-- ``MaskingAgent``: input projections of the *shared* backbone features (the main model's first half
-  of layers; they arrive detached, so no gradient reaches the backbone from the agent) + its own
+- ``MaskingAgent``: the *shared* backbone features (the main model's first half of layers; they arrive
+  detached, so no gradient reaches the backbone from the agent), the image's through a LayerNorm
+  (``agent_image_input``) and the caption's through a Linear, + its own
   ``agent_layers`` BERT layers, in which the caption attends over ``[image | caption]`` (the image rows
   fixed by default, ``agent_image_rows``) + heads: start logits (p = softmax over the
   valid word positions), span continuation (s = sigmoid), order scores (q, Plackett-Luce logits) and
@@ -78,6 +79,7 @@ ORDER_MODES = ("learned", "random", "left_to_right", "single")
 LAYER_NORMS = ("running", "batch", "none")
 AGENT_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AGENT_IMAGE_ROWS = ("fixed", "updated")
+AGENT_IMAGE_INPUTS = ("norm", "linear")
 
 
 @dataclass
@@ -100,6 +102,15 @@ class CurriculumOptions:
     paper's Fig. 2 layout reads the image (every head reads only the caption); "updated": every layer is
     joint self-attention over ``[image | caption]`` that also updates the image rows, 2.7x the agent's
     FLOPs at base size (197 image rows per 40 caption rows). The same with one layer."""
+    agent_image_input: str = "norm"
+    """How the shared image features enter the agent. "norm": a LayerNorm, as a pre-norm multiway block
+    of the main model reads its input, so each layer's own key/value projection reads the normalised
+    features; with fixed image rows its scale and shift fold into those projections, so training it
+    costs nothing per image row. "linear": a Linear, which costs its own product and the gradient back
+    through every layer's projection of every image row (at base size 14% of the agent's FLOPs with
+    40-token captions, 19% with the built-in ones). "norm" needs the features as wide as the agent
+    (every shipped config); otherwise the input is a Linear. The caption always enters through a Linear:
+    its rows are few."""
     shared_layers: Optional[int] = None
     """Backbone layers shared with the agent; None = half of them (paper: 6 of 12)."""
     agent_lr: float = 1e-4
@@ -137,6 +148,7 @@ class CurriculumOptions:
         check(self.order in ORDER_MODES, f"order must be one of {ORDER_MODES}")
         check(self.agent_layers >= 0, "agent_layers must be >= 0")
         check(self.agent_image_rows in AGENT_IMAGE_ROWS, f"agent_image_rows must be one of {AGENT_IMAGE_ROWS}")
+        check(self.agent_image_input in AGENT_IMAGE_INPUTS, f"agent_image_input must be one of {AGENT_IMAGE_INPUTS}")
         check(self.shared_layers is None or self.shared_layers >= 0, "shared_layers must be >= 0")
         check(self.agent_lr > 0, "agent_lr must be positive")
         check(self.ppo_clip > 0, "ppo_clip must be positive")
@@ -179,14 +191,18 @@ class MaskingAgent(nn.Module):
     every layer (projected from the shared features, all layers' in one matrix product), with
     "updated" in the last one, after joint layers that update them too. The caption layers' row-wise
     work (output projection, FFN, heads) runs on the real caption rows only, packed, on CPU
-    (``pack_rows``): padded rows are never read. With one layer ``image_in`` is folded into the
-    key/value projection. All of it is exact: the outputs at the real rows equal those of the plain
+    (``pack_rows``): padded rows are never read. ``image_in`` folds into the image rows' key/value
+    projection: as a LayerNorm ("norm") its scale and shift, as a Linear with one layer the whole
+    product. All of it is exact: the outputs at the real rows equal those of the plain
     layer stack (tested)."""
 
     def __init__(self, image_width: int, text_width: int, width: int, heads: int, intermediate: int, layers: int,
-                 image_rows: str = "fixed"):
+                 image_rows: str = "fixed", image_input: str = "norm"):
         super().__init__()
-        self.image_in = nn.Linear(image_width, width)
+        # what ``image_in`` is ("norm" needs equal widths; see ``CurriculumOptions.agent_image_input``)
+        self.image_input = "norm" if image_input == "norm" and image_width == width else "linear"
+        self.image_in = nn.LayerNorm(width) if self.image_input == "norm" else nn.Linear(image_width, width)
+        self.image_width = image_width
         self.text_in = nn.Linear(text_width, width)
         self.modality = nn.Parameter(torch.zeros(2, width))
         self.layers = nn.ModuleList(BertLayer(width, heads, intermediate, "sdpa", 0.0) for _ in range(layers))
@@ -241,13 +257,16 @@ class MaskingAgent(nn.Module):
     def _fixed_image_kv(self, image_feats: torch.Tensor, projections) -> list[torch.Tensor]:
         """Every layer's keys/values of the (not updated) image rows, [B, N, 2W] each, in one product
         (``projections``: each layer's ``_query_key_value``)."""
-        width = self.image_in.out_features
+        width = self.text_in.out_features
         weight = torch.cat([w[width:] for w, _ in projections])
         bias = torch.cat([b[width:] for _, b in projections])
         image_bias = self.image_in.bias + self.modality[0]
+        if self.image_input == "norm":  # the norm's scale and shift folded into the projections
+            normed = F.layer_norm(image_feats, (width,), eps=self.image_in.eps)
+            kv = F.linear(normed, weight * self.image_in.weight, weight @ image_bias + bias)
         # one layer: image_in folded into the keys/values (cheaper wherever the image rows outnumber the 2W
         # outputs; a rule of the shapes would make the rounding depend on the batch size)
-        if len(self.layers) == 1:
+        elif len(self.layers) == 1:
             kv = F.linear(image_feats, weight @ self.image_in.weight, weight @ image_bias + bias)
         else:
             kv = F.linear(F.linear(image_feats, self.image_in.weight, image_bias), weight, bias)
@@ -393,7 +412,7 @@ class CurriculumMasking(nn.Module):
         self.options = options
         self.seed = seed
         agent = MaskingAgent(image_width, text_width, width, heads, intermediate, options.agent_layers,
-                             options.agent_image_rows)
+                             options.agent_image_rows, options.agent_image_input)
         # held outside the module tree: fp32, own optimizer, invisible to DeepSpeed (see module docstring)
         object.__setattr__(self, "agent", agent)
         # fused: one kernel for all parameters, not one per tensor
@@ -714,6 +733,7 @@ class CurriculumMasking(nn.Module):
         self.join()
         return {"agent": {k: _cpu(v) for k, v in self.agent.state_dict().items()},
                 "agent_image_rows": self.agent.image_rows,
+                "agent_image_input": self.agent.image_input,
                 "optimizer": self.agent_optimizer.state_dict(),
                 "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
                 **self.rank_state()}
@@ -738,13 +758,15 @@ class CurriculumMasking(nn.Module):
 
     def load_agent_state(self, state: dict) -> None:
         self.join()
-        # the same weights compute a different function in the other mode (checkpoints from before the
-        # option have joint layers)
-        saved = state.get("agent_image_rows", "updated")
-        if saved != self.agent.image_rows and len(self.agent.layers) > 1:
-            raise ConfigError(f"this checkpoint's masking agent was trained with method.options.agent_image_rows="
-                              f"'{saved}', the run asks for '{self.agent.image_rows}': set it to '{saved}' to "
-                              f"resume this agent")
+        # the same weights compute a different function (or do not fit) in another mode; checkpoints from
+        # before these options have joint layers and a Linear image input
+        modes = (("agent_image_rows", "updated", self.agent.image_rows, len(self.agent.layers) > 1),
+                 ("agent_image_input", "linear", self.agent.image_input, True))
+        for option, before, asked, matters in modes:
+            saved = state.get(option, before)
+            if saved != asked and matters:
+                raise ConfigError(f"this checkpoint's masking agent was trained with method.options.{option}="
+                                  f"'{saved}', the run asks for '{asked}': set it to '{saved}' to resume this agent")
         device = next(self.agent.parameters()).device
         self.agent.load_state_dict(self._upgrade_value_head(state))
         self.agent_optimizer.load_state_dict(state["optimizer"])

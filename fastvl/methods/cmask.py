@@ -69,6 +69,12 @@ Choices where the paper is vague (all config values):
   and values in every layer. Every head reads the caption, so nothing is lost that a head reads, and
   at base size (197 image rows per 40 caption rows) the agent costs 0.37x the FLOPs of joint layers
   that also update the image rows ("updated"). With one agent layer (tiny) the two are the same.
+- How the agent reads the shared features (``agent_image_input``): the paper's agent continues the main
+  model's layer stack, with no adapter between. Here the caption enters through a Linear, and the
+  image through a LayerNorm ("norm"), the way a pre-norm multiway block reads its input. With fixed image
+  rows the norm's scale and shift fold into every layer's key/value projection, where an image Linear
+  ("linear", the earlier default) would add its own product and a gradient back through every layer's
+  projection of every image row: 14% of the agent's FLOPs at base size with 40-token captions.
 - Agent precision (``agent_precision``): fp32 weights and Adam; on CUDA its layers compute in bf16
   (fp16 with its own loss scaler where bf16 is missing) beside the half-precision main model, so the
   side stream can keep up with the main step; on CPU bf16 where it is native, else fp32.
@@ -164,7 +170,7 @@ class CMask(Recipe):
                                             intermediate=cfg.model.text_intermediate, seed=cfg.train.seed)
 
     def curriculum_widths(self) -> tuple[int, int]:
-        return self.curriculum.agent.image_in.in_features, self.curriculum.agent.text_in.in_features
+        return self.curriculum.agent.image_width, self.curriculum.agent.text_in.in_features
 
     # -- pieces ---------------------------------------------------------------------------------
 
