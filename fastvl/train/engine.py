@@ -84,20 +84,23 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def release_shared_memory_name(rank: int, world: int) -> None:
-    """Unlink this rank's segment of DeepSpeed's CPU shared-memory allreduce (made when every rank runs
-    on one host): DeepSpeed never unlinks it, so each run would leave one ~69 MB file per rank in
-    /dev/shm until reboot, and repeated runs fill the memory. Every rank maps every segment while
-    the process group starts, so after a barrier the names are no longer needed; the mappings live on
-    until the processes exit."""
-    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    if not name.exists():
+    """Unlink this rank's segment of DeepSpeed's CPU shared-memory allreduce, which its CPU accelerator
+    makes when every rank runs on one host (LOCAL_SIZE == world size) and never unlinks: each run would
+    leave one ~69 MB file per rank in /dev/shm until reboot, and repeated runs fill the memory. Every
+    rank maps every segment while the process group starts, so after a barrier the names are no longer
+    needed; the mappings live on until the processes exit. The condition is the same on every rank, so
+    all of them or none reach the barrier."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world):
         return
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    name.unlink(missing_ok=True)
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def device_for(local_rank: int) -> torch.device:
