@@ -199,9 +199,9 @@ class MaskingAgent(nn.Module):
     def __init__(self, image_width: int, text_width: int, width: int, heads: int, intermediate: int, layers: int,
                  image_rows: str = "fixed", image_input: str = "norm"):
         super().__init__()
-        # what ``image_in`` is ("norm" needs equal widths; see ``CurriculumOptions.agent_image_input``)
-        self.image_input = "norm" if image_input == "norm" and image_width == width else "linear"
-        self.image_in = nn.LayerNorm(width) if self.image_input == "norm" else nn.Linear(image_width, width)
+        # "norm" needs equal widths (see ``CurriculumOptions.agent_image_input``)
+        norm = image_input == "norm" and image_width == width
+        self.image_in = nn.LayerNorm(width) if norm else nn.Linear(image_width, width)
         self.image_width = image_width
         self.text_in = nn.Linear(text_width, width)
         self.modality = nn.Parameter(torch.zeros(2, width))
@@ -253,6 +253,11 @@ class MaskingAgent(nn.Module):
         pooled = pooled / real.sum(1, keepdim=True).clamp(min=1)
         per_token, offset = self.value_head(pooled).float().unbind(-1)
         return AgentOutput(start, cont, order, masked.to(per_token.dtype) * per_token + offset)
+
+    @property
+    def image_input(self) -> str:
+        """What ``image_in`` is: "norm" (a LayerNorm) or "linear"."""
+        return "norm" if isinstance(self.image_in, nn.LayerNorm) else "linear"
 
     def _fixed_image_kv(self, image_feats: torch.Tensor, projections) -> list[torch.Tensor]:
         """Every layer's keys/values of the (not updated) image rows, [B, N, 2W] each, in one product

@@ -663,41 +663,35 @@ def test_a_checkpoint_from_before_the_count_scaled_value_head_loads_with_its_val
     assert all(torch.isfinite(p).all() for p in fresh.curriculum.agent.parameters())
 
 
-
-def test_an_agent_resumes_only_in_the_image_row_mode_it_was_trained_in():
-    """The same weights compute a different function with fixed or updated image rows: a checkpoint
-    names its mode, and one from before the option (joint layers, "updated") must not load silently into
-    a multi-layer "fixed" agent. With one layer the modes are the same function and both load."""
-    state = build(seed=3, agent_layers=2, agent_image_rows="updated").curriculum.agent_state()
-    with pytest.raises(ConfigError, match="agent_image_rows='updated'"):
-        build(seed=4, agent_layers=2, agent_image_rows="fixed").curriculum.load_agent_state(state)
-    del state["agent_image_rows"]  # as written before the option existed
-    with pytest.raises(ConfigError, match="agent_image_rows='updated'"):
-        build(seed=4, agent_layers=2).curriculum.load_agent_state(state)
-    resumed = build(seed=4, agent_layers=2, agent_image_rows="updated").curriculum
+@pytest.mark.parametrize("option, trained, asked, options", [
+    ("agent_image_rows", "updated", "fixed", dict(agent_layers=2)),
+    ("agent_image_input", "linear", "norm", {}),
+])
+def test_an_agent_resumes_only_in_the_mode_it_was_trained_in(option, trained, asked, options):
+    """With fixed or updated image rows the same weights compute a different function, and a LayerNorm
+    and a Linear image input have different weights: a checkpoint names its mode, and one from before
+    the option (joint layers, a Linear) stops with the option to set rather than loading silently or
+    failing on a shape."""
+    state = build(seed=3, **options, **{option: trained}).curriculum.agent_state()
+    assert state[option] == trained
+    with pytest.raises(ConfigError, match=f"{option}='{trained}'"):
+        build(seed=4, **options, **{option: asked}).curriculum.load_agent_state(state)
+    del state[option]  # as written before the option existed
+    with pytest.raises(ConfigError, match=f"{option}='{trained}'"):
+        build(seed=4, **options, **{option: asked}).curriculum.load_agent_state(state)
+    resumed = build(seed=4, **options, **{option: trained}).curriculum
     resumed.load_agent_state(state)
     for name, value in resumed.agent.state_dict().items():
         assert torch.equal(value, state["agent"][name]), name
+    same = build(seed=3, **options, **{option: asked}).curriculum.agent_state()
+    assert same[option] == asked
+    build(seed=4, **options, **{option: asked}).curriculum.load_agent_state(same)
+
+
+def test_a_one_layer_agent_resumes_in_either_image_row_mode():
+    """With one layer fixed and updated image rows are the same function: both load."""
     one_layer = build(seed=3, agent_layers=1, agent_image_rows="updated").curriculum.agent_state()
     build(seed=4, agent_layers=1, agent_image_rows="fixed").curriculum.load_agent_state(one_layer)
-
-
-def test_an_agent_resumes_only_with_the_image_input_it_was_trained_with():
-    """A LayerNorm and a Linear image input have different weights: a checkpoint names its input, and one
-    from before the option (a Linear) stops with the option to set rather than a shape mismatch."""
-    state = build(seed=3, agent_image_input="linear").curriculum.agent_state()
-    with pytest.raises(ConfigError, match="agent_image_input='linear'"):
-        build(seed=4).curriculum.load_agent_state(state)
-    del state["agent_image_input"]  # as written before the option existed
-    with pytest.raises(ConfigError, match="agent_image_input='linear'"):
-        build(seed=4).curriculum.load_agent_state(state)
-    resumed = build(seed=4, agent_image_input="linear").curriculum
-    resumed.load_agent_state(state)
-    for name, value in resumed.agent.state_dict().items():
-        assert torch.equal(value, state["agent"][name]), name
-    normed = build(seed=3).curriculum.agent_state()
-    assert normed["agent_image_input"] == "norm"
-    build(seed=4).curriculum.load_agent_state(normed)
 
 
 # -- composition: the curriculum as MAMO's text-view policy ------------------------------------------
