@@ -2,7 +2,8 @@
 (forward + backward + DeepSpeed step) for one or more runs, side by side in one process, with overheads
 (run / first run) against the first run — the baseline every method's overhead is measured against.
 The runs are built first and timed in interleaved rounds (``harness.time_interleaved``); the time
-overhead is the median of the per-round ratios, with its 20th-80th percentiles.
+overhead is the median of the per-round ratios, with its 20th-80th percentiles and a 95% bootstrap
+interval of the median (it narrows with ``--steps``, the number of rounds).
 
     python -m bench.bench_train_step                                   # the tiny ALBEF baseline
     python -m bench.bench_train_step --run albef configs/tiny_albef.json \\
@@ -118,6 +119,7 @@ def main(argv=None) -> list[dict]:
         row.update(ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"], samples_per_s=row.pop("samples") / t["ms"] * 1e3)
         row[f"overhead_time_vs_{base}"] = t["ratio"]
         row[f"overhead_time_vs_{base}_p20"], row[f"overhead_time_vs_{base}_p80"] = t["ratio_p20"], t["ratio_p80"]
+        row[f"overhead_time_vs_{base}_ci95"] = t["ratio_ci95"]
         if args.time_calls:
             row["ms_per_step_in"] = calls.per_step(label)
         if args.count_flops:

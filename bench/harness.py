@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -37,20 +38,33 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps
     """``time_ms`` for several callables measured in rounds: each round runs every callable once, the
     order rotating per round. Drifts of a shared machine then hit every callable alike, and the paired
     per-round ratios against the first callable (``ratio``: median, ``ratio_p20``, ``ratio_p80``) are
-    steadier than a ratio of medians taken minutes apart."""
+    steadier than a ratio of medians taken minutes apart. ``ratio_ci95`` brackets the median ratio
+    (``median_ci95``): how many rounds it takes to resolve a difference of a few percent."""
+    from tqdm.auto import tqdm
+
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     samples = {name: [] for name in names}
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            samples[name].append(time_ms(fns[name], warmup=0, reps=1)["ms"])
-    out = {}
-    for name in names:
-        ratios = [t / b for t, b in zip(samples[name], samples[names[0]])]
-        out[name] = {**_summary(samples[name], "ms"), **_summary(ratios, "ratio")}
-    return out
+    ratios = {name: [] for name in names}
+    with tqdm(total=reps, desc="rounds", unit="round", dynamic_ncols=True, disable=reps < 2) as bar:
+        for r in range(reps):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                samples[name].append(time_ms(fns[name], warmup=0, reps=1)["ms"])
+            for name in names:
+                ratios[name].append(samples[name][-1] / samples[names[0]][-1])
+            bar.set_postfix({name: f"{statistics.median(ratios[name]):.3f}x" for name in names[1:]})
+            bar.update()
+    return {name: {**_summary(samples[name], "ms"), **_summary(ratios[name], "ratio"),
+                   "ratio_ci95": median_ci95(ratios[name])} for name in names}
+
+
+def median_ci95(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of ``values`` (seeded, so a rerun prints the same)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def _summary(values: list[float], key: str) -> dict:
@@ -211,7 +225,12 @@ def print_table(rows: list[dict]) -> None:
     cols = ["op", "provider", "shape", "ms", "ms_p20", "ms_p80", "samples_per_s", "peak_extra_bytes", "gflop"]
     cols += sorted({k for r in rows for k in r if k.startswith(("speedup_vs_", "memory_ratio_vs_", "overhead_"))})
     cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def fmt(v):
+        if isinstance(v, tuple):  # an interval
+            return "-".join(fmt(x) for x in v)
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
     table = [cols] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     for line in table:

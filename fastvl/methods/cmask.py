@@ -37,6 +37,14 @@ Table 9 rows as options (everything else default):
 - vanilla MLM baseline: ``objective="mlm", mask_selection="random", spans="none", order="single", quota=0.15``
 - left-to-right LM (a special case): ``mask_selection="random", spans="none", order="left_to_right", quota=1.0``
 
+One departure from the paper, taken from this project's op contract: the paper re-runs the agent after
+each token/span it picks, with <m> </m> tags around the masked positions, until the quota is met. Here
+the agent runs once per batch and ``fastvl_kernels.sample_spans`` draws the spans one after another from
+that pass's p and s, each draw excluding what is masked and renormalising. A later span thus depends on
+the earlier ones through what they exclude, not through a re-encoded caption; the composite log-prob and
+the entropy estimator follow the same chain. The paper's way costs one agent pass per span, in the
+selection and again in the PPO update.
+
 Choices where the paper is vague (all config values):
 
 - Shared features: the paper's agent reads the first 6 layers of the main model on the (unmasked)

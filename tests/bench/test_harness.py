@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import CallMeter
+from bench.harness import CallMeter, median_ci95, time_interleaved
 
 
 @pytest.fixture
@@ -64,3 +64,19 @@ def test_call_meter_counts_flops_inside_targets_and_cpu_attention(toy_module):
 def test_call_meter_names_a_malformed_target():
     with pytest.raises(ValueError, match="module:Qualified.name"):
         CallMeter(["toy_timed.nap"])
+
+
+def test_median_interval_brackets_the_median_and_narrows_with_more_rounds():
+    spread = [0.9, 1.0, 1.1, 1.2, 0.95, 1.05, 1.15, 0.85]
+    lo, hi = median_ci95(spread)
+    assert min(spread) <= lo < 1.025 < hi <= max(spread)  # 1.025 is the sample median
+    lo_many, hi_many = median_ci95(spread * 16)
+    assert lo <= lo_many < hi_many <= hi and hi_many - lo_many < (hi - lo) / 2
+    assert median_ci95([1.03] * 5) == (1.03, 1.03)
+
+
+def test_time_interleaved_pairs_each_round_against_the_first_callable():
+    timing = time_interleaved({"fast": lambda: time.sleep(0.002), "slow": lambda: time.sleep(0.01)}, warmup=0, reps=6)
+    assert timing["fast"]["ratio"] == 1.0 and timing["fast"]["ratio_ci95"] == (1.0, 1.0)
+    lo, hi = timing["slow"]["ratio_ci95"]
+    assert 2 < lo <= timing["slow"]["ratio"] <= hi
