@@ -54,7 +54,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps
                 samples[name].append(time_ms(fns[name], warmup=0, reps=1)["ms"])
             for name in names:
                 ratios[name].append(samples[name][-1] / samples[names[0]][-1])
-            bar.set_postfix({name: f"{statistics.median(ratios[name]):.3f}x" for name in names[1:]})
+            bar.set_postfix({name: f"{statistics.median(ratios[name]):.3f}x" for name in names[1:]}, refresh=False)
             bar.update()
     return {name: {**_summary(samples[name], "ms"), **_summary(ratios[name], "ratio"),
                    "ratio_ci95": median_ci95(ratios[name])} for name in names}
