@@ -38,8 +38,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 2, reps
     """``time_ms`` for several callables measured in rounds: each round runs every callable once, the
     order rotating per round. Drifts of a shared machine then hit every callable alike, and the paired
     per-round ratios against the first callable (``ratio``: median, ``ratio_p20``, ``ratio_p80``) are
-    steadier than a ratio of medians taken minutes apart. ``ratio_ci95`` brackets the median ratio
-    (``median_ci95``): how many rounds it takes to resolve a difference of a few percent."""
+    steadier than a ratio of medians taken minutes apart. ``ratio_ci95`` is a 95% interval of that
+    median (``median_ci95``): whether the rounds were enough to resolve a difference of a few percent."""
     from tqdm.auto import tqdm
 
     names = list(fns)
