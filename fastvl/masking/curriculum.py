@@ -266,15 +266,16 @@ class MaskingAgent(nn.Module):
         weight = torch.cat([w[width:] for w, _ in projections])
         bias = torch.cat([b[width:] for _, b in projections])
         image_bias = self.image_in.bias + self.modality[0]
-        if self.image_input == "norm":  # the norm's scale and shift folded into the projections
-            normed = F.layer_norm(image_feats, (width,), eps=self.image_in.eps)
-            kv = F.linear(normed, weight * self.image_in.weight, weight @ image_bias + bias)
-        # one layer: image_in folded into the keys/values (cheaper wherever the image rows outnumber the 2W
-        # outputs; a rule of the shapes would make the rounding depend on the batch size)
-        elif len(self.layers) == 1:
-            kv = F.linear(image_feats, weight @ self.image_in.weight, weight @ image_bias + bias)
-        else:
+        if self.image_input == "linear" and len(self.layers) > 1:
             kv = F.linear(F.linear(image_feats, self.image_in.weight, image_bias), weight, bias)
+        else:  # image_in folded into the projections
+            if self.image_input == "norm":  # its scale and shift
+                image_feats = F.layer_norm(image_feats, (width,), eps=self.image_in.eps)
+                folded = weight * self.image_in.weight
+            else:  # one layer: the whole Linear (cheaper wherever the image rows outnumber the 2W outputs;
+                # a rule of the shapes would make the rounding depend on the batch size)
+                folded = weight @ self.image_in.weight
+            kv = F.linear(image_feats, folded, weight @ image_bias + bias)
         return list(kv.split(2 * width, -1))
 
     def _caption_rows(self, layer: BertLayer, projection, text, image_kv, real, rows) -> torch.Tensor:
