@@ -181,6 +181,18 @@ class TrainConfig:
     seed: int = 0
     max_epochs: int = 0
     """Stop after this many passes over the data (0 = no limit; steps decides)."""
+    deepspeed: Any = None
+    """Extra DeepSpeed config (a JSON file, read at load so the run's saved config holds its content, or an
+    object) merged over the one fastvl generates: offload,
+    bucket sizes, activation checkpointing, DeepSpeed's monitors (tensorboard, wandb, csv_monitor), ... Keys
+    that fastvl settings decide (batch sizes, train.grad_accum, train.grad_clip, train.zero_stage's stage,
+    train.precision's fp16/bf16 "enabled", optimizer, scheduler) must agree with them or the run stops."""
+    report_to: tuple[str, ...] = ()
+    """Where metrics go besides RUN_DIR/metrics.jsonl: "tensorboard" (event files in RUN_DIR/tensorboard)."""
+    freeze: tuple[str, ...] = ()
+    """Parameter-name prefixes of the recipe left untrained, e.g. ["backbone.vision_encoder"] to lock a
+    pretrained image tower (LiT); their gradients are never computed. Applied whenever the recipe is
+    built (training, eval, export), so checkpoints read back the same way."""
 
     def __post_init__(self):
         _check(self.precision in ("auto", "fp16", "bf16", "fp32"), "train.precision must be auto, fp16, bf16 or fp32")
@@ -190,6 +202,15 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
         _check(self.lr > 0, "train.lr must be positive")
         self.betas = tuple(self.betas)
+        if isinstance(self.deepspeed, str):
+            try:
+                self.deepspeed = json.loads(Path(self.deepspeed).read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ConfigError(f"train.deepspeed: cannot read {self.deepspeed}: {error}") from None
+        _check(self.deepspeed is None or isinstance(self.deepspeed, dict),
+               "train.deepspeed must be a JSON file path or an object")
+        unknown = sorted(set(self.report_to) - {"tensorboard"})
+        _check(not unknown, f"train.report_to: unknown destination(s) {unknown} (known: tensorboard)")
 
 
 @dataclass

@@ -26,4 +26,19 @@ RECIPES = {
 def build_method(cfg: RunConfig) -> Recipe:
     if cfg.method.name not in RECIPES:
         raise ConfigError(f"method.name: unknown recipe '{cfg.method.name}' (known: {', '.join(sorted(RECIPES))})")
-    return RECIPES[cfg.method.name]()(cfg)
+    recipe = RECIPES[cfg.method.name]()(cfg)
+    freeze(recipe, cfg.train.freeze)
+    return recipe
+
+
+def freeze(recipe: Recipe, prefixes: tuple[str, ...]) -> None:
+    """Turn off ``requires_grad`` for the parameters under each name prefix (``train.freeze``)."""
+    params = dict(recipe.named_parameters())
+    for prefix in prefixes:
+        matched = [p for name, p in params.items() if name == prefix or name.startswith(prefix + ".")]
+        if not matched:
+            tops = sorted({".".join(name.split(".")[:2]) for name in params})
+            raise ConfigError(f"train.freeze: no parameter of recipe '{recipe.cfg.method.name}' is named "
+                              f"{prefix!r} or starts with '{prefix}.' (e.g. {', '.join(tops)})")
+        for param in matched:
+            param.requires_grad_(False)

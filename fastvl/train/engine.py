@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -214,7 +215,65 @@ def deepspeed_config(cfg: RunConfig, precision: str, world_size: int) -> dict:
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     elif precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if t.deepspeed is not None:
+        config = merge_user_deepspeed(config, t.deepspeed, cfg, precision, world_size)
     return config
+
+
+def _fastvl_decides(cfg: RunConfig, precision: str, world_size: int) -> dict[tuple[str, ...], tuple[str, object]]:
+    """DeepSpeed keys whose value a fastvl setting decides: path -> (that setting, the value it implies).
+    ``None`` as the value means fastvl passes its own object there, so the key may not be set at all."""
+    t, micro = cfg.train, cfg.data.batch_size
+    return {
+        ("train_micro_batch_size_per_gpu",): ("data.batch_size", micro),
+        ("gradient_accumulation_steps",): ("train.grad_accum", t.grad_accum),
+        ("train_batch_size",): ("data.batch_size x train.grad_accum x processes", micro * t.grad_accum * world_size),
+        ("gradient_clipping",): ("train.grad_clip", t.grad_clip),
+        ("zero_optimization", "stage"): ("train.zero_stage", t.zero_stage),
+        ("fp16", "enabled"): (f"train.precision (resolved: {precision})", precision == "fp16"),
+        ("bf16", "enabled"): (f"train.precision (resolved: {precision})", precision == "bf16"),
+        ("optimizer",): ("train.optimizer / train.lr / train.betas (fastvl builds the optimizer)", None),
+        ("scheduler",): ("train.warmup_steps / train.steps / train.min_lr_ratio (fastvl builds the schedule)", None),
+    }
+
+
+def merge_user_deepspeed(generated: dict, user: dict, cfg: RunConfig, precision: str, world_size: int) -> dict:
+    """``user`` merged over ``generated`` key by key (objects recursively, the user's value wins), after
+    checking every key a fastvl setting decides: a different value stops with both named."""
+    decides = _fastvl_decides(cfg, precision, world_size)
+
+    def leaves(tree: dict, prefix: tuple[str, ...] = ()):
+        for key, value in tree.items():
+            path = prefix + (key,)
+            if path in decides or not isinstance(value, dict):
+                yield path, value
+            else:
+                yield from leaves(value, path)
+
+    for path, value in leaves(user):
+        if path not in decides:
+            continue
+        setting, implied = decides[path]
+        key = ".".join(path)
+        if implied is None:
+            raise ConfigError(f"train.deepspeed: {key} is set, but {setting}; remove it from train.deepspeed")
+        if value != implied:
+            raise ConfigError(f"train.deepspeed: {key} = {json.dumps(value)}, but {setting} gives "
+                              f"{json.dumps(implied)}; change {setting} instead")
+
+    def merged(base: dict, over: dict, prefix: tuple[str, ...] = ()) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            path = prefix + (key,)
+            if path in decides:
+                continue  # agreed above; keep fastvl's own form (e.g. the trainer-side clip)
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merged(out[key], value, path)
+            else:
+                out[key] = value
+        return out
+
+    return merged(generated, user)
 
 
 def trainer_clips(cfg: RunConfig, precision: str) -> bool:

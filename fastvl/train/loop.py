@@ -171,7 +171,8 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
             "device": str(device), "zero_stage": cfg.train.zero_stage, "global_batch": global_batch,
             "loss_names": loss_names[1:], "resumed_from_step": step if resumed else None,
         }, indent=2) + "\n")
-    writer = MetricsWriter(run_dir / "metrics.jsonl", is_main, resume_step=step if resumed else None)
+    writer = MetricsWriter(run_dir / "metrics.jsonl", is_main, resume_step=step if resumed else None,
+                           tensorboard="tensorboard" in cfg.train.report_to)
 
     bar = None
     if progress and is_main:
@@ -214,6 +215,7 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
     if window.steps:  # steps since the last row (the data ran out mid-window)
         last_row = _log_row(window, step, stream.epoch, samples_seen, engine.lr(), engine)
         writer.write(last_row)
+    writer.close()
 
     if last_saved is None or last_saved.name != ckpt.tag_for(step):
         last_saved = _save(engine, cfg, step, samples_seen, stream) if step > 0 else None

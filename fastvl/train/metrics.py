@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 BOOKKEEPING = ("step", "epoch", "samples_seen", "lr", "samples_per_s", "step_time_s", "peak_mem_mb",
                "peak_mem_kind", "loss_scale")
 
@@ -75,13 +77,15 @@ def peak_memory() -> tuple[float, str]:
 
 
 class MetricsWriter:
-    """Appends rows to ``metrics.jsonl`` on rank 0. On resume from ``resume_step`` the rows logged
-    after that step (by a run that went on past its last checkpoint) are dropped first, so the file
-    reads as one uninterrupted run."""
+    """Appends rows to ``metrics.jsonl`` on rank 0, and with ``tensorboard`` every numeric value of a row
+    as a scalar ``train/<name>`` at its step in ``<folder>/tensorboard``. On resume from ``resume_step``
+    the rows logged after that step (by a run that went on past its last checkpoint) are dropped first,
+    from both, so each reads as one uninterrupted run."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int] = None):
+    def __init__(self, path: Path, enabled: bool, resume_step: Optional[int] = None, tensorboard: bool = False):
         self.path = Path(path)
         self.enabled = enabled
+        self.board = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,11 +94,29 @@ class MetricsWriter:
         elif self.path.exists():
             rows = read_metrics(self.path)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.report_to=tensorboard needs the tensorboard package "
+                                  "(pip install tensorboard)") from None
+            purge = None if resume_step is None else resume_step + 1
+            self.board = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for name, value in row.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"train/{name}", value, row["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
