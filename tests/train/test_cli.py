@@ -84,6 +84,14 @@ def test_fastvl_command_routes_plot_and_data(tmp_path, capsys):
     assert cli.main(["plot", str(result_dir)]) == 0
     assert (result_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
+    # two runs on shared panels
+    other = tmp_path / "other"
+    other.mkdir()
+    train(stand_in_config(other, "train.steps=3", "train.lr=0.001"), build_recipe=StandInRecipe,
+          build_loader=StandInLoader, progress=False)
+    assert cli.main(["plot", str(result_dir), str(other / "run")]) == 0
+    assert (result_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["plot", str(result_dir), str(tmp_path / "nothing")]) == 2
 
     assert cli.main(["data", "synth", "--out", str(tmp_path / "synth"), "--train", "3", "--heldout", "2", "--quiet"]) == 0
     assert sorted(p.name for p in (tmp_path / "synth").iterdir()) == ["heldout", "info.json", "train"]
