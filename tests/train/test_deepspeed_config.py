@@ -1,12 +1,13 @@
 """``train.deepspeed`` (a user's DeepSpeed config merged over fastvl's) and ``train.report_to``
 (TensorBoard event files of the metrics rows)."""
 import json
+import warnings
 
 import pytest
 import torch
 
 from fastvl.config import ConfigError
-from fastvl.train.engine import build_engine, deepspeed_config, init_distributed
+from fastvl.train.engine import build_engine, deepspeed_config, init_distributed, warn_single_process_zero
 from fastvl.train.loop import train
 from fastvl.train.metrics import read_metrics
 
@@ -86,3 +87,16 @@ def test_tensorboard_holds_the_metrics_rows_and_resume_drops_what_came_after(tmp
     for name in ("loss", "contrast", "recon", "lr"):
         assert [step for step, _ in scalars[f"train/{name}"]] == [1, 2, 3, 4, 5, 6]
         assert [value for _, value in scalars[f"train/{name}"]] == pytest.approx([r[name] for r in rows], rel=1e-6)
+
+
+@pytest.mark.parametrize("stage,world,user,warns", [
+    (2, 1, None, True), (0, 1, None, False), (2, 2, None, False),
+    (2, 1, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, False),
+])
+def test_single_process_zero_warns_unless_it_offloads(tmp_path, stage, world, user, warns):
+    overrides = [f"train.zero_stage={stage}"] + ([f"train.deepspeed={json.dumps(user)}"] if user else [])
+    cfg = stand_in_config(tmp_path, *overrides)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_single_process_zero(cfg, world)
+    assert [str(w.message).startswith(f"train.zero_stage={stage} with 1 process") for w in caught] == ([True] if warns else [])
