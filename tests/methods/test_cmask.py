@@ -632,8 +632,9 @@ def test_each_rank_resumes_its_own_rollout():
 
 def test_a_checkpoint_from_before_the_count_scaled_value_head_loads_with_its_value():
     """Checkpoints whose value head had one output (V = head(state)) load with a = 0, b = that V: the
-    agent values every state as before, and PPO continues from the padded Adam moments."""
-    recipe = build(seed=8).train()
+    agent values every state as before, and PPO continues from the padded Adam moments. The agent
+    computes in fp32 here so the hook's V and the agent's match exactly on CPUs with native bf16 too."""
+    recipe = build(seed=8, agent_precision="fp32").train()
     for step in range(2):
         recipe(make_batch(step))
     curriculum = recipe.curriculum
@@ -651,7 +652,7 @@ def test_a_checkpoint_from_before_the_count_scaled_value_head_loads_with_its_val
         pooled_value["v"] = torch.nn.functional.linear(args[0], old["agent"]["value_head.2.weight"],
                                                        old["agent"]["value_head.2.bias"]).squeeze(-1)
 
-    fresh = build(seed=99).train()
+    fresh = build(seed=99, agent_precision="fp32").train()
     fresh.curriculum.load_agent_state(old)
     fresh.curriculum.agent.value_head[2].register_forward_hook(capture)
     rollout = fresh.curriculum.pending[0]
