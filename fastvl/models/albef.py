@@ -33,6 +33,7 @@ from .fusion import FusionEncoder
 from .heads import MlmHead, unit_projection
 from .hf_bert import BertLoadReport, load_hf_bert
 from .init import init_weights
+from .vision_init import VisionLoadReport, load_vision_checkpoint
 from .vit import VisionTransformer
 
 
@@ -41,7 +42,8 @@ class AlbefModel(ObservableModel):
     ``vision_proj`` (Dv -> E), ``text_proj`` (Dt -> E), ``itm_head`` (Dt -> 2), ``mlm_head``.
 
     When ``cfg.text_init`` is set, the text and fusion encoders load it at construction
-    (``hf_bert.load_hf_bert``; the report is kept in ``self.text_init_report``).
+    (``hf_bert.load_hf_bert``; the report is kept in ``self.text_init_report``); likewise
+    ``cfg.image_init`` for the ViT (``vision_init.load_vision_checkpoint``; ``self.image_init_report``).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -60,6 +62,9 @@ class AlbefModel(ObservableModel):
         if cfg.text_init:
             self.text_init_report = load_hf_bert(self.text_encoder, self.fusion_encoder, cfg.text_init,
                                                  mlm_head=self.mlm_head)
+        self.image_init_report: Optional[VisionLoadReport] = None
+        if cfg.image_init:
+            self.image_init_report = load_vision_checkpoint(self.vision_encoder, cfg.image_init)
         name_attention_modules(self)
 
     # -- encoders -------------------------------------------------------------------------------

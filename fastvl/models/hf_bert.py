@@ -26,6 +26,7 @@ from ..config import ConfigError
 from .bert import TextEncoder
 from .fusion import FusionEncoder
 from .heads import MlmHead
+from .weight_files import read_folder_tensors
 
 MINILM = "minilm"
 DERIVED_KEYS = {"embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
@@ -76,25 +77,7 @@ def read_hf_bert(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json as a dict, state dict with normalised keys) of a local BERT checkpoint folder."""
     folder = resolve_bert_folder(folder)
     config = json.loads((folder / "config.json").read_text())
-    files: list[Path]
-    if (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    elif (folder / "model.safetensors.index.json").is_file():
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        files = [folder / name for name in sorted(set(index["weight_map"].values()))]
-    elif (folder / "pytorch_model.bin").is_file():
-        files = [folder / "pytorch_model.bin"]
-    else:
-        raise ConfigError(f"model.text_init: {folder} holds no model.safetensors or pytorch_model.bin")
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            part = load_file(str(path), device="cpu")
-        else:
-            part = torch.load(path, map_location="cpu", weights_only=True)
-        state.update({_normalise_key(k): v for k, v in part.items()})
+    state = {_normalise_key(k): v for k, v in read_folder_tensors(folder, "model.text_init").items()}
     return config, state
 
 

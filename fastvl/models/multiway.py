@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from .attention import ObservableModel, ObservedAttention, merge_heads, name_attention_modules, split_heads
 from .bert import BertEmbeddings
 from .heads import MlmHead, unit_projection
@@ -111,6 +111,10 @@ class MultiwayModel(ObservableModel):
 
     def __init__(self, cfg: ModelConfig, layers: Optional[int] = None, vl_layers: int = 2):
         super().__init__()
+        if cfg.image_init:
+            raise ConfigError("model.image_init is not supported by the multiway backbone (C-Mask's "
+                              "default method.options.backbone=multiway): its image rows run through the text "
+                              "width's shared layers; unset model.image_init or set method.options.backbone=albef")
         self.cfg = cfg
         width = cfg.text_width
         self.width = width

@@ -11,6 +11,11 @@ Two masking hooks used by the masked-image-modeling recipes:
   dropping, MAMO); the output is [B, 1 + K, Dv] in ``keep_index`` order.
 
 Both may be given (replace first, then keep).
+
+``cfg.vision_layer_scale`` adds LayerScale (``ls1.gamma`` / ``ls2.gamma``, per-channel factors on each
+residual branch, as in CaiT and DINOv2); ``cfg.vision_ln_eps`` sets the LayerNorm epsilon. Parameter names
+follow timm's ``VisionTransformer`` (``patch_embed`` is the convolution itself); ``vision_init`` loads
+pretrained timm / Hugging Face checkpoints into it.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from .attention import ObservedAttention, merge_heads, name_attention_modules, s
 from .init import INIT_STD, init_weights
 
 VIT_MLP_RATIO = 4
-VIT_LN_EPS = 1e-6
+VIT_LAYER_SCALE_INIT = 1e-5
+"""LayerScale's initial factor when training from scratch (DINOv2's ViT-S/B/L value)."""
 
 
 class VisionAttention(ObservedAttention):
@@ -54,24 +60,38 @@ class VisionMlp(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
-class VisionBlock(nn.Module):
-    """Pre-norm block: x + attn(LN(x)), then x + mlp(LN(x))."""
+class LayerScale(nn.Module):
+    """x * gamma, one learned factor per channel."""
 
-    def __init__(self, width: int, heads: int, backend: str, dropout: float):
+    def __init__(self, width: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=VIT_LN_EPS)
+        self.gamma = nn.Parameter(torch.full((width,), VIT_LAYER_SCALE_INIT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm block: x + ls1(attn(LN(x))), then x + ls2(mlp(LN(x))); ls1/ls2 are identities unless
+    ``layer_scale``."""
+
+    def __init__(self, width: int, heads: int, backend: str, dropout: float, *, layer_scale: bool, ln_eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=ln_eps)
         self.attn = VisionAttention(width, heads, backend, dropout)
-        self.norm2 = nn.LayerNorm(width, eps=VIT_LN_EPS)
+        self.ls1 = LayerScale(width) if layer_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(width, eps=ln_eps)
         self.mlp = VisionMlp(width, VIT_MLP_RATIO * width, dropout)
+        self.ls2 = LayerScale(width) if layer_scale else nn.Identity()
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop(self.ls1(self.attn(self.norm1(x))))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
-    """ViT of ``cfg.image_size`` / ``cfg.patch_size`` / ``cfg.vision_{width,layers,heads}``.
+    """ViT of ``cfg.image_size`` / ``cfg.patch_size`` / ``cfg.vision_{width,layers,heads,layer_scale,ln_eps}``.
 
     Attributes: ``num_patches`` (N), ``patch_size`` (p), ``width`` (Dv), ``image_size``.
     """
@@ -87,9 +107,11 @@ class VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, self.width))
         self.blocks = nn.ModuleList(
-            VisionBlock(self.width, cfg.vision_heads, cfg.attention, cfg.dropout) for _ in range(cfg.vision_layers)
+            VisionBlock(self.width, cfg.vision_heads, cfg.attention, cfg.dropout,
+                        layer_scale=cfg.vision_layer_scale, ln_eps=cfg.vision_ln_eps)
+            for _ in range(cfg.vision_layers)
         )
-        self.norm = nn.LayerNorm(self.width, eps=VIT_LN_EPS)
+        self.norm = nn.LayerNorm(self.width, eps=cfg.vision_ln_eps)
         self.apply(init_weights)
         for p in (self.cls_token, self.mask_token, self.pos_embed):
             nn.init.trunc_normal_(p, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)

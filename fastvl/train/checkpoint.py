@@ -7,19 +7,28 @@ Layout of a run directory::
     RUN_DIR/run.json               what was resolved at start-up (precision, optimizer, loss names, ...)
     RUN_DIR/step_<N>/...           DeepSpeed checkpoints (model, optimizer, LR schedule; client state)
     RUN_DIR/latest                 DeepSpeed's pointer to the newest step_<N>
-    RUN_DIR/model_fp32.pt          consolidated fp32 weights + config, written at the end of training
+    RUN_DIR/model.safetensors      consolidated fp32 weights, written at the end of training (config and
+                                   step in the safetensors metadata)
 
 The client state of a checkpoint holds what DeepSpeed does not know about: the step, samples seen,
 the resolved config, and per rank the data-stream position, the recipe's ``rank_state`` (C-Mask's
 pending rollouts) and the RNG states (python, numpy, torch CPU and CUDA), gathered from every rank
 because ZeRO stages 0-2 write the client state from rank 0 only. Everything else a recipe carries (EMA
 teacher, agent, step counter) is the same on every rank and lives in its ``state_dict``.
+
+Reading is safe for files a user did not write: ``.safetensors`` files hold tensors only, and every
+pickle fastvl reads outside DeepSpeed's own resume (an old ``model_fp32.pt``, a DeepSpeed checkpoint
+handed to ``fastvl eval``) goes through ``torch.load(weights_only=True)`` with an allowlist of the few
+data classes DeepSpeed checkpoints hold; anything else is refused with a ``ConfigError``.
 """
 from __future__ import annotations
 
+import json
+import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +38,9 @@ import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig, config_from_dict
 
-CONSOLIDATED = "model_fp32.pt"
+CONSOLIDATED = "model.safetensors"
+LEGACY_CONSOLIDATED = "model_fp32.pt"
+"""Pickled {"config", "step", "state_dict"} written before the safetensors format; read weights-only."""
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 
 
@@ -126,23 +137,114 @@ def _world() -> int:
 
 
 def save_consolidated(engine, run_dir: Path, step: int, config: dict) -> Optional[Path]:
-    """Write ``RUN_DIR/model_fp32.pt`` = {"config", "step", "state_dict"} with fp32 weights, readable
-    without DeepSpeed. In fp32 with ZeRO 0-2 every rank holds the full fp32 module; otherwise the
-    fp32 master weights are assembled from the DeepSpeed checkpoint of ``step`` (which must exist)."""
+    """Write ``RUN_DIR/model.safetensors``: the recipe's fp32 state dict, with the config and the step in
+    the metadata, readable without DeepSpeed (``load_recipe``). In fp32 with ZeRO 0-2 every rank holds
+    the full fp32 module; otherwise the fp32 master weights are assembled from the DeepSpeed checkpoint
+    of ``step`` (which must exist)."""
     path = Path(run_dir) / CONSOLIDATED
     full_module = engine.precision == "fp32" and engine.ds_config["zero_optimization"]["stage"] < 3
     if _rank() == 0:
         if full_module:
-            state_dict = {k: v.detach().cpu().clone() for k, v in engine.recipe.state_dict().items()}
+            state_dict = engine.recipe.state_dict()
         else:
             state_dict = fp32_state_dict_from_checkpoint(Path(run_dir) / tag_for(step), engine.recipe)
-        torch.save({"config": config, "step": step, "state_dict": state_dict}, path)
+        write_weights(path, state_dict, config, step)
     _barrier()
     return path
 
 
+def write_weights(path: Path, state_dict: dict, config: dict, step: int, **metadata: str) -> Path:
+    """Save ``state_dict`` as safetensors (each tensor a contiguous CPU copy: tied or shared tensors
+    are stored once per name) with ``config`` (JSON), ``step`` and the string ``metadata``."""
+    from safetensors.torch import save_file
+
+    tensors = {name: value.detach().cpu().contiguous().clone() for name, value in state_dict.items()}
+    save_file(tensors, str(path), metadata={"format": "fastvl", "config": json.dumps(config), "step": str(step),
+                                            **metadata})
+    return Path(path)
+
+
+def read_weights(path: Path) -> tuple[dict, dict]:
+    """(state dict, metadata) of a safetensors file written by ``write_weights``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state_dict = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ConfigError(f"{path} is not a readable safetensors file: {error}") from None
+    if "config" not in metadata:
+        raise ConfigError(f"{path} is not a fastvl checkpoint (no 'config' in its safetensors metadata)")
+    return state_dict, metadata
+
+
 # ---------------------------------------------------------------------------------------------
 # reading checkpoints without an engine
+
+
+def _data_classes_of_checkpoints() -> list:
+    """The non-tensor classes fastvl's DeepSpeed checkpoints hold: numpy arrays (the numpy RNG state
+    in the client state) and, in ZeRO 1-3 optimizer files, DeepSpeed's fragment addresses, loss
+    scaler and stage enum. Plain data: allowing them lets ``weights_only=True`` read the files."""
+    import numpy
+
+    core = numpy._core if hasattr(numpy, "_core") else numpy.core  # numpy 2 renamed numpy.core
+    allowed = [numpy.ndarray, numpy.dtype, core.multiarray._reconstruct]
+    allowed += [type(numpy.dtype(kind)) for kind in (numpy.uint32, numpy.int64, numpy.float64)]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return allowed
+    return allowed + [fragment_address, LossScaler, ZeroStageEnum]
+
+
+def refused_pickle(path, error: Exception) -> ConfigError:
+    """The error for a pickle that ``weights_only=True`` would not read (it names a class or callable)."""
+    lines = str(error).strip().splitlines()
+    return ConfigError(f"refused to read {path}: it holds a pickle with more than tensors and plain data "
+                       f"({lines[0] if lines else type(error).__name__}); fastvl never unpickles arbitrary "
+                       f"objects from a checkpoint — use a fastvl export (fastvl export RUN --out DIR) or a "
+                       f".safetensors file")
+
+
+def safe_torch_load(path, **kwargs):
+    """``torch.load(path, weights_only=True)`` allowing only ``_data_classes_of_checkpoints``; a file
+    that needs anything else (a pickle that would run code) is refused with a ``ConfigError``."""
+    kwargs = {"map_location": "cpu", **kwargs, "weights_only": True}
+    try:
+        with torch.serialization.safe_globals(_data_classes_of_checkpoints()):
+            return torch.load(path, **kwargs)
+    except pickle.UnpicklingError as error:
+        raise refused_pickle(path, error) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ConfigError(f"cannot read {path} as a PyTorch checkpoint: {error}") from None
+
+
+class _TorchWithSafeLoad:
+    """``torch`` with ``load`` = ``safe_torch_load``."""
+
+    load = staticmethod(safe_torch_load)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextmanager
+def _zero_to_fp32_reads_safely():
+    """DeepSpeed's zero_to_fp32 calls ``torch.load(weights_only=False)``; within this block its module
+    sees a ``torch`` whose ``load`` is ``safe_torch_load`` (only that module's name is rebound)."""
+    from deepspeed.utils import zero_to_fp32
+
+    original = zero_to_fp32.torch
+    zero_to_fp32.torch = _TorchWithSafeLoad()
+    try:
+        yield
+    finally:
+        zero_to_fp32.torch = original
 
 
 def _model_states_file(step_dir: Path) -> Path:
@@ -161,7 +263,7 @@ def fp32_state_dict_from_checkpoint(step_dir: Path, recipe: Optional[torch.nn.Mo
       through ``engine.parameter_groups(recipe)`` — the grouping the trainer used.
     - ZeRO 1-3 otherwise: DeepSpeed's zero_to_fp32 assembles the fp32 partitions."""
     step_dir = Path(step_dir)
-    states = torch.load(_model_states_file(step_dir), map_location="cpu", weights_only=False)
+    states = safe_torch_load(_model_states_file(step_dir))
     ds_config = states.get("ds_config", {})
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     reduced = any(ds_config.get(k, {}).get("enabled", False) for k in ("fp16", "bf16"))
@@ -185,11 +287,21 @@ def fp32_state_dict_from_checkpoint(step_dir: Path, recipe: Optional[torch.nn.Mo
         return module
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    with _zero_to_fp32_reads_safely():
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
 
 
 def _load_consolidated(path: Path) -> dict:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    """{"config", "step", "state_dict"} of a consolidated file: safetensors (with ``layer_norm_eps`` when
+    it is an export), or an old pickled ``model_fp32.pt`` read weights-only."""
+    if path.suffix == ".safetensors":
+        state_dict, metadata = read_weights(path)
+        config = json.loads(metadata["config"])
+        if metadata.get("export") == "1":  # an exported folder carries its own tokenizer files
+            config["data"]["tokenizer"] = str(path.parent)
+        return {"config": config, "step": int(metadata.get("step", -1)), "state_dict": state_dict,
+                "layer_norm_eps": json.loads(metadata.get("layer_norm_eps", "{}"))}
+    saved = safe_torch_load(path)
     if not isinstance(saved, dict) or "state_dict" not in saved or "config" not in saved:
         raise ConfigError(f"{path} is not a fastvl consolidated checkpoint (needs 'state_dict' and 'config')")
     return saved
@@ -199,23 +311,24 @@ def saved_config(kind: str, where: Path) -> dict:
     """The resolved config saved with a checkpoint (``resolve_checkpoint``'s answer)."""
     if kind == "consolidated":
         return _load_consolidated(where)["config"]
-    states = torch.load(_model_states_file(where), map_location="cpu", weights_only=False)
+    states = safe_torch_load(_model_states_file(where))
     if "config" not in states:
         raise ConfigError(f"{where}: checkpoint has no fastvl config in its client state")
     return states["config"]
 
 
 def resolve_checkpoint(path: str) -> tuple[str, Path]:
-    """What ``path`` names: ("consolidated", file) for RUN_DIR/model_fp32.pt or such a file, or
-    ("deepspeed", step folder) for RUN_DIR/step_<N> or a run directory with only DeepSpeed checkpoints
-    (its ``latest``)."""
+    """What ``path`` names: ("consolidated", file) for a weights file, an exported folder or a run
+    directory with final weights (model.safetensors, or an old model_fp32.pt), or ("deepspeed", step
+    folder) for RUN_DIR/step_<N> or a run directory with only DeepSpeed checkpoints (its ``latest``)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"checkpoint not found: {path}")
     if p.is_file():
         return "consolidated", p
-    if (p / CONSOLIDATED).is_file():
-        return "consolidated", p / CONSOLIDATED
+    for name in (CONSOLIDATED, LEGACY_CONSOLIDATED):
+        if (p / name).is_file():
+            return "consolidated", p / name
     if TAG_PATTERN.match(p.name) and p.is_dir():
         return "deepspeed", p
     if (p / "latest").is_file():
@@ -223,26 +336,44 @@ def resolve_checkpoint(path: str) -> tuple[str, Path]:
     found = list_checkpoints(p)
     if found:
         return "deepspeed", found[-1][1]
-    raise ConfigError(f"no checkpoint in {path} (expected {CONSOLIDATED}, step_<N>/ or a 'latest' file)")
+    raise ConfigError(f"no checkpoint in {path} (expected {CONSOLIDATED}, {LEGACY_CONSOLIDATED}, step_<N>/ "
+                      f"or a 'latest' file)")
+
+
+def set_layer_norm_eps(module: torch.nn.Module, eps_by_name: dict[str, float]) -> None:
+    """Give the named LayerNorms of ``module`` their epsilon (what a pretrained init set and the
+    config does not say)."""
+    modules = dict(module.named_modules())
+    for name, eps in eps_by_name.items():
+        if not isinstance(modules.get(name), torch.nn.LayerNorm):
+            raise ConfigError(f"the checkpoint sets the epsilon of LayerNorm '{name}', which the rebuilt model lacks")
+        modules[name].eps = eps
 
 
 def load_recipe(path: str, cfg: Optional[RunConfig] = None, device: torch.device = torch.device("cpu")):
     """Rebuild the recipe a checkpoint was trained with and load its fp32 weights (strict). ``path``:
-    a run directory, a step_<N> folder or a consolidated file. ``cfg`` replaces the saved config (it
-    must describe the same model). Returns (recipe in eval mode, cfg, step)."""
+    a run directory, a step_<N> folder, a consolidated file or an exported folder (``fastvl export``).
+    ``cfg`` replaces the saved config (it must describe the same model). Returns (recipe in eval mode,
+    cfg, step)."""
     from ..methods import build_method
 
     kind, where = resolve_checkpoint(path)
-    if kind == "consolidated":
-        saved = _load_consolidated(where)
+    saved = _load_consolidated(where) if kind == "consolidated" else None
+    if saved is not None:
         step = int(saved.get("step", -1))
+        config = saved["config"]
     else:
         step = int(TAG_PATTERN.match(where.name).group(1))
-    cfg = cfg if cfg is not None else config_from_dict(saved_config(kind, where))
+        config = saved_config(kind, where)
+    cfg = cfg if cfg is not None else config_from_dict(config)
     recipe = build_method(cfg)
-    state_dict = saved["state_dict"] if kind == "consolidated" else fp32_state_dict_from_checkpoint(where, recipe)
-    missing, unexpected = recipe.load_state_dict(state_dict, strict=False)
+    state_dict = saved["state_dict"] if saved is not None else fp32_state_dict_from_checkpoint(where, recipe)
+    try:  # a module's serialized extra state (C-Mask's agent) is read weights-only too
+        missing, unexpected = recipe.load_state_dict(state_dict, strict=False)
+    except pickle.UnpicklingError as error:
+        raise refused_pickle(path, error) from None
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not match recipe '{cfg.method.name}': "
                           f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    set_layer_norm_eps(recipe, (saved or {}).get("layer_norm_eps", {}))
     return recipe.to(device).eval(), cfg, step

@@ -27,8 +27,8 @@ def test_eval_command_on_a_run_directory(tiny_run, synth_data, capsys):
 
 
 def test_step_folder_and_consolidated_weights_agree(tiny_run, synth_data, tmp_path):
-    """The fp32 ZeRO-0 step folder holds the same weights as model_fp32.pt: identical metrics."""
-    consolidated = run(str(tiny_run / "model_fp32.pt"), str(synth_data / "heldout"), out=str(tmp_path / "a.json"))
+    """The fp32 ZeRO-0 step folder holds the same weights as model.safetensors: identical metrics."""
+    consolidated = run(str(tiny_run / "model.safetensors"), str(synth_data / "heldout"), out=str(tmp_path / "a.json"))
     folder = run(str(tiny_run / "step_4"), str(synth_data / "heldout"), out=str(tmp_path / "b.json"))
     assert consolidated["retrieval"] == folder["retrieval"] and consolidated["probes"] == folder["probes"]
     older = run(str(tiny_run / "step_2"), str(synth_data / "heldout"), overrides=["eval.itm_rerank=0"],

@@ -19,7 +19,7 @@ from fastvl.methods.mamo import Mamo, gather_rows
 from fastvl.models.ema import EmaTeacher
 from fastvl.models.mamo import MamoModel
 from fastvl.objectives.mrm import feature_mim_loss, mrm_loss, per_dimension_std
-from fastvl.train.checkpoint import load_recipe
+from fastvl.train.checkpoint import load_recipe, read_weights
 from fastvl.train.engine import check_zero3_support
 from fastvl.train.loop import train
 from fastvl.train.metrics import read_metrics
@@ -483,8 +483,7 @@ def test_resume_restores_the_target_network_exactly(synth, tmp_path, zero_stage,
     assert train(trainer_cfg(synth, tmp_path / "split", *extra), stop_at=2, progress=False).step == 2
     resumed = train(trainer_cfg(synth, tmp_path / "split", *extra), progress=False)
     assert resumed.step == 4
-    a = torch.load(straight.consolidated, weights_only=False)["state_dict"]
-    b = torch.load(resumed.consolidated, weights_only=False)["state_dict"]
+    a, b = read_weights(straight.consolidated)[0], read_weights(resumed.consolidated)[0]
     assert a.keys() == b.keys() and teacher_state(a)
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -537,7 +536,7 @@ def test_ema_teacher_under_zero3_gathers_the_online_parameters(tmp_path, monkeyp
         cfg = stand_in_config(tmp_path / str(stage), f"train.zero_stage={stage}", "train.steps=4",
                               'method.options={"scalar_shape": "[1]", "dropout": 0.0}')
         result = train(cfg, build_recipe=EmaStandIn, build_loader=StandInLoader, progress=False)
-        runs[stage] = (torch.load(result.consolidated, weights_only=False)["state_dict"], read_metrics(result.metrics))
+        runs[stage] = (read_weights(result.consolidated)[0], read_metrics(result.metrics))
         assert partitioned and all(flag == (stage == 3) for flag in partitioned)  # ZeRO-3 did partition them
         partitioned.clear()
     teacher0, teacher3 = teacher_state(runs[0][0]), teacher_state(runs[3][0])

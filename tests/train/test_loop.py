@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastvl.config import config_from_dict, load_config
-from fastvl.train.checkpoint import list_checkpoints, load_recipe
+from fastvl.train.checkpoint import CONSOLIDATED, list_checkpoints, load_recipe, read_weights
 from fastvl.train.loop import current_loss_scale, train
 from fastvl.train.metrics import read_metrics
 
@@ -24,7 +24,7 @@ def _stand_in(cfg, **kwargs):
 
 
 def _weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "model_fp32.pt", weights_only=False)["state_dict"]
+    return read_weights(run_dir / CONSOLIDATED)[0]
 
 
 def _assert_same_weights(a: dict, b: dict, atol: float = 0.0):
@@ -54,10 +54,11 @@ def test_run_directory_checkpoints_and_metrics(tmp_path):
             assert key in row and math.isfinite(row[key]), key
     assert rows[-1]["samples_seen"] == 6 * 8
     assert result.plot == run / "loss.png" and result.plot.read_bytes()[:4] == b"\x89PNG"
-    # the consolidated weights are the module's
-    state = torch.load(run / "model_fp32.pt", weights_only=False)
-    assert state["step"] == 6 and config_from_dict(state["config"]) == cfg
-    assert all(v.dtype != torch.bfloat16 for v in state["state_dict"].values())
+    # the consolidated weights are the module's, in safetensors with the config and step as metadata
+    state_dict, metadata = read_weights(run / CONSOLIDATED)
+    assert result.consolidated == run / CONSOLIDATED
+    assert int(metadata["step"]) == 6 and config_from_dict(json.loads(metadata["config"])) == cfg
+    assert all(v.dtype != torch.bfloat16 for v in state_dict.values())
 
 
 @pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (2, "fp32"), (1, "bf16")])
@@ -68,7 +69,7 @@ def test_stand_in_resume_is_exact(tmp_path, zero_stage, precision):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     _stand_in(straight)
     assert _stand_in(resumed, stop_at=4).step == 4
-    assert not (tmp_path / "b" / "run" / "model_fp32.pt").exists()  # interrupted: no final weights yet
+    assert not (tmp_path / "b" / "run" / CONSOLIDATED).exists()  # interrupted: no final weights yet
     assert _stand_in(resumed).step == 8
     _assert_same_weights(_weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run"))
     rows_a = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")
