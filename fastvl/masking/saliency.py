@@ -31,8 +31,8 @@ projected and split into heads):
 layer, that layer). The teacher's forward stops as soon as that layer's attention has been observed
 (the observer raises a private exception), and fusion layers after it are dropped at load time.
 
-**Teacher.** ``load_teacher(path, cfg)`` rebuilds a fastvl checkpoint (run dir, step_<N> folder or
-model_fp32.pt) with ``fastvl.train.checkpoint.load_recipe`` and keeps its backbone. The teacher is
+**Teacher.** ``load_teacher(path, cfg)`` rebuilds a fastvl checkpoint (run dir, step_<N> folder,
+model.safetensors or an exported folder) with ``fastvl.train.checkpoint.load_recipe`` and keeps its backbone. The teacher is
 frozen for good: its parameters become *non-persistent buffers* (``freeze_as_buffers``), so no
 optimizer, gradient or ZeRO partition ever sees them and the run's checkpoints do not store them (the
 path in the config is the source); ``train()`` keeps it in eval mode. The checkpoints store only the
@@ -151,14 +151,15 @@ def freeze_as_buffers(module: nn.Module) -> nn.Module:
 
 
 def load_teacher(path: Optional[str], cfg: RunConfig) -> AlbefModel:
-    """The backbone of the fastvl checkpoint at ``path`` (run dir, step_<N> folder or model_fp32.pt),
-    loaded on CPU with ``fastvl.train.checkpoint.load_recipe``, checked against the run (``ConfigError``
-    naming the mismatch), not yet frozen."""
+    """The backbone of the fastvl checkpoint at ``path`` (run dir, step_<N> folder, model.safetensors
+    or an exported folder), loaded on CPU with ``fastvl.train.checkpoint.load_recipe``, checked against
+    the run (``ConfigError`` naming the mismatch), not yet frozen."""
     from ..train.checkpoint import load_recipe
 
     if not path:
         raise ConfigError("method.options.teacher: EPIC's saliency masking needs a teacher VLM — name a fastvl "
-                          "checkpoint (a run directory, a step_<N> folder or a model_fp32.pt file), e.g. a run "
+                          "checkpoint (a run directory, a step_<N> folder, a model.safetensors file or an exported "
+                          "folder), e.g. a run "
                           "of the base method; or set method.options.masking=\"random\" (no teacher)")
     try:
         recipe, teacher_cfg, _ = load_recipe(path)

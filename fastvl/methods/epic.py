@@ -112,8 +112,9 @@ class EpicOptions:
     base_options: dict[str, Any] = field(default_factory=dict)
     """``method.options`` of the base recipe."""
     teacher: Optional[str] = None
-    """The frozen teacher VLM for saliency: a fastvl checkpoint (run dir, step_<N> folder or
-    model_fp32.pt), e.g. a run of the base method. Required when ``masking`` is "saliency"."""
+    """The frozen teacher VLM for saliency: a fastvl checkpoint (run dir, step_<N> folder,
+    model.safetensors or an exported folder), e.g. a run of the base method. Required when ``masking`` is
+    "saliency"."""
     masking: str = "saliency"
     """Masking positions: "saliency" (sec. 4.4) or "random" (uniform; Table 4 "ITC+LM"/"ITC (rand.)")."""
     mask_ratio: float = 0.35
