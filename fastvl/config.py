@@ -93,6 +93,9 @@ class ModelConfig:
     vision_ln_eps: Optional[float] = None
     """Epsilon of the ViT's LayerNorms: 1e-6 for timm and DINOv2, 1e-12 for Hugging Face ViT/DeiT."""
     dropout: float = 0.0
+    grad_checkpointing: bool = False
+    """Recompute each ViT / BERT / multiway layer's activations in the backward pass instead of keeping
+    them: activation memory of one layer per stack instead of all, for one more forward per layer."""
 
     def __post_init__(self):
         _check(self.preset in MODEL_PRESETS, f"model.preset must be one of {sorted(MODEL_PRESETS)}")

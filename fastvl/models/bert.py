@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import ObservedAttention, merge_heads, name_attention_modules, split_heads
+from .checkpointing import run_layer
 from .init import init_weights
 
 BERT_LN_EPS = 1e-12
@@ -139,15 +140,17 @@ class BertLayer(nn.Module):
 
 
 class BertStack(nn.Module):
-    """``layer``: the ModuleList of BertLayers (named as BertModel's ``encoder.layer``)."""
+    """``layer``: the ModuleList of BertLayers (named as BertModel's ``encoder.layer``); ``checkpointed``
+    recomputes each layer's activations in the backward pass (``checkpointing.run_layer``)."""
 
-    def __init__(self, layers: list[BertLayer]):
+    def __init__(self, layers: list[BertLayer], checkpointed: bool = False):
         super().__init__()
         self.layer = nn.ModuleList(layers)
+        self.checkpointed = checkpointed
 
     def forward(self, hidden, key_padding_mask=None, **kwargs) -> torch.Tensor:
         for layer in self.layer:
-            hidden = layer(hidden, key_padding_mask, **kwargs)
+            hidden = run_layer(layer, self.checkpointed, hidden, key_padding_mask, **kwargs)
         return hidden
 
 
@@ -172,7 +175,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.width = cfg.text_width
         self.embeddings = BertEmbeddings(cfg.vocab_size, cfg.text_width, cfg.max_positions, cfg.dropout)
-        self.encoder = BertStack(text_layers(cfg, cfg.text_layers if num_layers is None else num_layers))
+        self.encoder = BertStack(text_layers(cfg, cfg.text_layers if num_layers is None else num_layers),
+                                 cfg.grad_checkpointing)
         self.apply(init_weights)
         name_attention_modules(self)
 

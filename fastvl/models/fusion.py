@@ -33,7 +33,7 @@ class FusionEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, num_layers: Optional[int] = None):
         super().__init__()
         count = cfg.fusion_layers if num_layers is None else num_layers
-        self.encoder = BertStack(text_layers(cfg, count, context_width=cfg.vision_width))
+        self.encoder = BertStack(text_layers(cfg, count, context_width=cfg.vision_width), cfg.grad_checkpointing)
         self.apply(init_weights)
         name_attention_modules(self)
 

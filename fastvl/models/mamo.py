@@ -84,7 +84,8 @@ class ConcatFusionEncoder(nn.Module):
                               else nn.Linear(cfg.vision_width, cfg.text_width))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.text_width))
         self.image_positions = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.text_width))
-        self.encoder = BertStack(text_layers(cfg, cfg.fusion_layers if num_layers is None else num_layers))
+        self.encoder = BertStack(text_layers(cfg, cfg.fusion_layers if num_layers is None else num_layers),
+                                 cfg.grad_checkpointing)
         self.apply(init_weights)
         for p in (self.mask_token, self.image_positions):
             nn.init.trunc_normal_(p, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)

@@ -43,6 +43,7 @@ from ..config import ModelConfig
 from .albef import AlbefModel
 from .attention import name_attention_modules
 from .bert import BertLayer, BertStack
+from .checkpointing import run_layer
 from .init import init_weights
 from .vit import VIT_MLP_RATIO
 
@@ -60,7 +61,8 @@ def cls_row(stack: BertStack, hidden: torch.Tensor, key_padding_mask: Optional[t
     gradients are those of the full stack's row 0."""
     layers = list(stack.layer)
     for layer in layers[:-1]:
-        hidden = layer(hidden, key_padding_mask, context=context, context_mask=context_mask)
+        hidden = run_layer(layer, stack.checkpointed, hidden, key_padding_mask, context=context,
+                           context_mask=context_mask)
     last, cls = layers[-1], hidden[:, :1]
     h = last.attention.output(last.attention.self(cls, key_padding_mask, hidden), cls)
     if last.crossattention is not None:
@@ -80,7 +82,7 @@ class ImageCrossEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_layers: int):
         super().__init__()
-        self.encoder = BertStack(image_cross_layers(cfg, num_layers))
+        self.encoder = BertStack(image_cross_layers(cfg, num_layers), cfg.grad_checkpointing)
         self.apply(init_weights)
 
     def forward(self, image_states: torch.Tensor, text_states: torch.Tensor,

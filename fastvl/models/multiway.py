@@ -33,6 +33,7 @@ from torch import nn
 from ..config import ConfigError, ModelConfig
 from .attention import ObservableModel, ObservedAttention, merge_heads, name_attention_modules, split_heads
 from .bert import BertEmbeddings
+from .checkpointing import run_layer
 from .heads import MlmHead, unit_projection
 from .init import INIT_STD, init_weights
 
@@ -161,7 +162,7 @@ class MultiwayModel(ObservableModel):
             start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """Blocks ``start .. stop-1`` on x [B, S, W] (no final norm)."""
         for block in self.blocks[start:stop]:
-            x = block(x, text_start, key_padding_mask, kind, step, fused)
+            x = run_layer(block, self.cfg.grad_checkpointing, x, text_start, key_padding_mask, kind, step, fused)
         return x
 
     def encode_image(self, images: torch.Tensor, capture: Optional[int] = None):

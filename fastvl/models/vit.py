@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import ObservedAttention, merge_heads, name_attention_modules, split_heads
+from .checkpointing import run_layer
 from .init import INIT_STD, init_weights
 
 VIT_MLP_RATIO = 4
@@ -102,6 +103,7 @@ class VisionTransformer(nn.Module):
         self.patch_size = cfg.patch_size
         self.num_patches = cfg.num_patches
         self.width = cfg.vision_width
+        self.checkpointed = cfg.grad_checkpointing
         self.patch_embed = nn.Conv2d(3, self.width, kernel_size=self.patch_size, stride=self.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.width))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.width))
@@ -158,5 +160,5 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
-            x = block(x)
+            x = run_layer(block, self.checkpointed, x)
         return self.norm(x)
