@@ -28,10 +28,15 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train: str = "data/synth/train"
-    """Training data: a folder or glob of webdataset shards (*.tar), or a JSONL file of
-    {"image": path, "caption": text} records (paths relative to the file)."""
+    """Training data: a folder or glob of webdataset shards (*.tar), or an annotation file: JSONL, or an
+    ALBEF-style .json array, of {"image": path, "caption": text or [texts], "image_id": optional}
+    records (one training sample per (image, caption) pair)."""
     eval: str = "data/synth/heldout"
     """Evaluation data, same formats; the built-in held-out split has unseen attribute/relation pairs."""
+    image_root: str = ""
+    """Folder the image paths of an annotation file (.json/.jsonl) are relative to; "" = the annotation
+    file's own folder. ALBEF's files (coco_karpathy_test.json, ...) name images relative to the
+    dataset's image folder: set this to it."""
     image_size: int = 0
     """Side of the square model input; 0 takes the model preset's image size."""
     max_text_len: int = 32
@@ -233,18 +238,27 @@ class TrainConfig:
         _check(not unknown, f"train.report_to: unknown destination(s) {unknown} (known: tensorboard)")
 
 
+EVAL_RESIZE_MODES = ("square", "center_crop")
+
+
 @dataclass
 class EvalConfig:
     k_values: tuple[int, ...] = (1, 5, 10)
     """Recall@K reported for retrieval."""
     itm_rerank: int = 16
     """Candidates re-ranked by the ITM head after ITC similarity (0 = ITC only)."""
-    max_samples: int = 1000
-    """Evaluation samples read at most."""
+    max_samples: int = 0
+    """Evaluate only the first N images of the data (0 = all of them); ``fastvl eval`` prints the cap."""
+    resize: str = "square"
+    """Eval image transform: "square" (the whole image resized to S x S, bicubic, no crop: ALBEF's test
+    transform) or "center_crop" (the centred square of side min(H, W), resized bilinearly to S x S)."""
 
     def __post_init__(self):
         self.k_values = tuple(self.k_values)
         _check(all(k > 0 for k in self.k_values), "eval.k_values must be positive")
+        _check(self.max_samples >= 0, "eval.max_samples must be >= 0 (0 = every sample)")
+        _check(self.resize in EVAL_RESIZE_MODES,
+               f"eval.resize must be one of {', '.join(EVAL_RESIZE_MODES)}, got {self.resize!r}")
 
 
 @dataclass

@@ -189,8 +189,8 @@ class VisionLanguageModel:
 
     - a list of PIL images (any mode: converted to RGB, transparency composited on white, as the data
       pipeline does) or of uint8 ``[3, H, W]`` tensors, or one uint8 ``[B, 3, H, W]`` tensor: each goes
-      through the eval transform (centred square crop, antialiased resize to ``image_size``, ImageNet
-      normalisation);
+      through the eval transform of the exported config (``eval.resize``: by default the whole image
+      resized to ``image_size`` x ``image_size``, bicubic, as ALBEF evaluates; ImageNet normalisation);
     - a float ``[B, 3, S, S]`` tensor: taken as already transformed and normalised (S = ``image_size``).
 
     Texts are tokenised with the exported tokenizer and truncated to ``data.max_text_len`` tokens.
@@ -203,7 +203,7 @@ class VisionLanguageModel:
         self.recipe, self.cfg, self.step, self.device = recipe, cfg, step, device
         self.scorer = recipe.scorer
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.transform = EvalTransform(cfg.data.image_size)
+        self.transform = EvalTransform(cfg.data.image_size, cfg.eval.resize)
         self.image_size = cfg.data.image_size
         self.max_text_len = cfg.data.max_text_len
 

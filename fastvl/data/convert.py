@@ -1,11 +1,18 @@
 """Convert a folder of images plus a captions file into webdataset shards (``fastvl data convert``).
 
     fastvl data convert --images photos/ --captions captions.csv --out shards/ [--shard-size 1000]
+    fastvl data convert --images coco/images/ --captions coco_karpathy_test.json --out coco_test/
 
-The captions file is CSV with a header row, or JSONL (one object per line). Each record names an
-image (column/field ``image``, ``file``, ``filename``, ``path`` or ``image_path``; relative to
-``--images``) and its caption (``caption``, ``text`` or ``title``); other fields are kept in the
-sample's ``.json`` (e.g. ``negatives``, read by the eval), with the image's path under ``source``.
+The captions file is CSV with a header row, JSONL (one object per line) or an ALBEF-style ``.json``
+array of records. Each record names an image (column/field ``image``, ``file``, ``filename``,
+``path`` or ``image_path``; relative to ``--images``) and its caption (``caption``, ``text`` or
+``title``: a string, or in JSON a list of strings); other fields are kept in the sample's ``.json``
+(e.g. ``image_id``, ``negatives``, read by the eval), with the image's path under ``source``.
+
+One sample per image: records with the same ``image_id`` are merged into the first of them (ALBEF's
+pretraining files list an image once per caption). A sample's ``.txt`` is its first caption — what
+every shard reader takes as the caption — and when it has more, its ``.json`` lists them all under
+``"captions"`` (``source.sample_captions``): training draws one of them per visit, eval scores all.
 
 Every sample is checked as it is converted, with the loader's own rules, so what lands in the shards
 trains without surprises: the image header (``images.probe_image``: empty, truncated, corrupt,
@@ -30,6 +37,7 @@ from typing import Optional, Sequence
 
 from ..config import ConfigError
 from .images import BadImage, decode_rgb, probe_image
+from .jsonl import annotation_records
 from .shards import ShardWriter
 
 IMAGE_KEYS = ("image", "file", "filename", "path", "image_path")
@@ -42,6 +50,7 @@ EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp", "bmp": "bmp", "ppm": 
 @dataclass
 class ConvertSummary:
     written: int = 0
+    captions: int = 0
     shards: list[Path] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
@@ -52,6 +61,8 @@ class ConvertSummary:
             return ", ".join(f"{reason} {n}" for reason, n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
 
         lines = [f"wrote {self.written} samples in {len(self.shards)} shards to {out}"]
+        if self.captions > self.written:
+            lines[0] += f" ({self.captions} captions)"
         total = sum(self.skipped.values())
         lines.append(f"skipped {total}" + (f": {counts(self.skipped)}" if total else ""))
         if self.repaired:
@@ -66,8 +77,9 @@ def _first(record: dict, names: Sequence[str]) -> Optional[str]:
 
 
 def read_records(path: Path, skipped: Counter) -> list[dict]:
-    """The records of a CSV (header row) or JSONL captions file, as dicts. Lines that are not JSON
-    objects are counted as ``bad_record``; a CSV without an image or caption column is refused."""
+    """The records of a CSV (header row), JSONL or JSON-array captions file, as dicts. Lines or
+    entries that are not JSON objects are counted as ``bad_record``; a CSV without an image or
+    caption column is refused."""
     if not path.is_file():
         raise ConfigError(f"--captions: file not found: {path}")
     # not UTF-8: decode with replacement rather than stop (the affected captions are counted later)
@@ -80,21 +92,43 @@ def read_records(path: Path, skipped: Counter) -> list[dict]:
             raise ConfigError(f"--captions: {path} needs a header row with an image column ({', '.join(IMAGE_KEYS)}) "
                               f"and a caption column ({', '.join(CAPTION_KEYS)}); it has {columns}")
         return [dict(row) for row in reader]
-    if suffix in (".jsonl", ".jsonlines"):
-        records = []
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                skipped["bad_record"] += 1
-        return records
-    raise ConfigError(f"--captions: {path} is neither .csv nor .jsonl")
+    if suffix in (".jsonl", ".jsonlines", ".json"):
+        try:
+            parsed = [record for _, record, _ in annotation_records(path, skipped)]
+        except ConfigError as error:
+            raise ConfigError(f"--captions: {error}") from None
+        skipped["bad_record"] += sum(not isinstance(record, dict) for record in parsed)
+        return [record for record in parsed if isinstance(record, dict)]
+    raise ConfigError(f"--captions: {path} is neither .csv, .jsonl nor .json")
+
+
+def _caption_list(value) -> Optional[list]:
+    """A caption field as a list (a string is one caption); None when it is neither."""
+    if isinstance(value, str):
+        return [value]
+    return list(value) if isinstance(value, list) else None
+
+
+def merge_by_image_id(records: list[dict]) -> list[dict]:
+    """``records`` with those sharing an ``image_id`` merged into the first: its caption becomes the
+    list of all their captions. Records without an id (or without a caption field) stay as they are."""
+    merged: list[dict] = []
+    first_of: dict[str, dict] = {}
+    for record in records:
+        caption_key = _first(record, CAPTION_KEYS)
+        image_id = record.get("image_id")
+        captions = _caption_list(record.get(caption_key)) if caption_key else None
+        if image_id is None or captions is None:
+            merged.append(record)
+            continue
+        name = json.dumps(image_id, sort_keys=True)
+        if name in first_of:
+            first = first_of[name]
+            first[_first(first, CAPTION_KEYS)] += captions
+            continue
+        first_of[name] = {**record, caption_key: captions}
+        merged.append(first_of[name])
+    return merged
 
 
 def _check_image(data: bytes) -> tuple[str, bytes, Optional[str]]:
@@ -125,12 +159,12 @@ def _sample(root: Path, record: dict, summary: ConvertSummary) -> Optional[dict]
     if not isinstance(name, str) or not name.strip():
         summary.skipped["missing_image"] += 1
         return None
-    caption = record.get(caption_key) if caption_key else None
-    if not isinstance(caption, str):
+    captions = _caption_list(record.get(caption_key)) if caption_key else None
+    if not captions or not all(isinstance(c, str) for c in captions):
         summary.skipped["missing_caption"] += 1
         return None
-    caption = caption.strip()
-    if not caption:
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
         summary.skipped["empty_caption"] += 1
         return None
     path = (root / name).resolve()
@@ -150,13 +184,16 @@ def _sample(root: Path, record: dict, summary: ConvertSummary) -> Optional[dict]
     except BadImage as error:
         summary.skipped[error.reason] += 1
         return None
-    if "\ufffd" in caption:
+    if any("\ufffd" in c for c in captions):
         summary.repaired["non_utf8_caption"] += 1
     if reencoded:
         summary.reencoded[reencoded] += 1
     meta = {k: v for k, v in record.items() if k not in (image_key, caption_key)}
     meta["source"] = os.fspath(path.relative_to(root))
-    return {extension: payload, "txt": caption, "json": meta}
+    if len(captions) > 1:
+        meta["captions"] = captions
+    summary.captions += len(captions)
+    return {extension: payload, "txt": captions[0], "json": meta}
 
 
 def convert(images, captions, out, shard_size: int = 1000, progress: bool = True) -> ConvertSummary:
@@ -169,7 +206,7 @@ def convert(images, captions, out, shard_size: int = 1000, progress: bool = True
     if shard_size <= 0:
         raise ConfigError("--shard-size must be positive")
     summary = ConvertSummary()
-    records = read_records(captions, summary.skipped)
+    records = merge_by_image_id(read_records(captions, summary.skipped))
     root = images.resolve()
     with ShardWriter(out, shard_size) as writer, tqdm(records, unit="img", desc="convert", disable=not progress) as bar:
         for record in bar:
@@ -186,7 +223,8 @@ def convert(images, captions, out, shard_size: int = 1000, progress: bool = True
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="fastvl data convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", required=True, help="folder the captions file's image paths are relative to")
-    parser.add_argument("--captions", required=True, help="captions file: .csv (header row) or .jsonl")
+    parser.add_argument("--captions", required=True,
+                        help="captions file: .csv (header row), .jsonl or an ALBEF-style .json array")
     parser.add_argument("--out", required=True, help="output folder for shard-000000.tar, ...")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

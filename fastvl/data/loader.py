@@ -26,10 +26,17 @@ How samples are ordered and split (the design, and why):
   it would have had: each sample's crop/flip comes from a generator seeded by (seed, epoch, index).
   Batches prefetched by workers but not yet handed out are not counted. Resuming with another world
   size keeps the global position (exact when it divides evenly).
-* **Eval** is one ordered pass (``min(N, eval.max_samples)`` samples; rank ``r`` takes indices
-  ``r, r + W, ...``), no shuffling, last batch possibly short, centre crops, and the hard negatives
-  of each sample's metadata tokenized into ``Batch.negatives`` when every sample of the batch has all
-  three.
+* **Eval** is one ordered pass (every sample, or the first ``eval.max_samples`` when that is
+  positive; rank ``r`` takes indices ``r, r + W, ...``), no shuffling, last batch possibly short,
+  the ``eval.resize`` transform (default: the whole image resized to a square, as ALBEF tests), and
+  the hard negatives of each sample's metadata tokenized into ``Batch.negatives`` when every sample
+  of the batch has all three.
+* **Several captions per image** (``source``: annotation records with a caption list, shards with
+  ``"captions"`` in their metadata). Training reads annotation files one sample per (image, caption)
+  pair, as ALBEF does; a multi-caption shard sample is one image, and each visit draws one of its
+  captions from the sample's generator (after its crop and flip, so single-caption data keeps its
+  augmentations). Eval takes each image's first caption, or with ``all_captions`` all of them in an
+  ``EvalBatch`` (retrieval: ``fastvl.eval.retrieval``).
 * **Decoders.** ``data.decoder="pillow"``: a torch ``DataLoader`` whose ``num_workers`` processes
   decode with Pillow and transform with torch ops. ``data.decoder="dali"``: an NVIDIA DALI pipeline
   with ``num_workers`` threads (at least one) decodes, crops, resizes, flips and normalises
@@ -70,7 +77,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import ConfigError, RunConfig
 from .batch import Batch
 from .images import BadImage, ImageHeader, dali_decodes_directly, decode_rgb, encode_ppm, probe_image
-from .source import open_source
+from .source import open_source, sample_captions, sample_image_id
 from .tokenizer import encode, load_tokenizer
 from .transforms import CropPlan, EvalTransform, TrainTransform, swap_left_right
 
@@ -131,6 +138,23 @@ class _Skip:
 
 
 @dataclass
+class EvalBatch(Batch):
+    """An eval batch of B images with any number of captions each: ``input_ids`` / ``attention_mask``
+    hold the T >= B captions of all of them, image by image; ``negatives`` stay one row per image.
+    ``len`` counts captions; ``Batch.slice`` does not apply (it would cut images and captions at the
+    same rows)."""
+
+    caption_rows: Optional[torch.Tensor] = None
+    """[T] batch row (image) of each caption."""
+    image_ids: list[Optional[str]] = field(default_factory=list)
+    """Per image: its ``image_id`` (images sharing one are the same image), or None."""
+
+    def to(self, device, non_blocking: bool = False) -> "EvalBatch":
+        moved = super().to(device, non_blocking)
+        return EvalBatch(**vars(moved), caption_rows=self.caption_rows, image_ids=list(self.image_ids))
+
+
+@dataclass
 class _Prepared:
     """A sample read, checked and planned, not decoded yet."""
 
@@ -140,9 +164,10 @@ class _Prepared:
     data: bytes
     header: ImageHeader
     plan: CropPlan
-    caption: str
+    captions: tuple[str, ...]
     negatives: Optional[dict]
     repaired: tuple[str, ...]
+    image_id: Optional[str] = None
 
 
 @dataclass
@@ -151,10 +176,11 @@ class _Sample:
 
     key: str
     pixels: torch.Tensor
-    caption: str
+    captions: tuple[str, ...]
     negatives: Optional[dict]
     epoch: int = 0
     repaired: tuple[str, ...] = ()
+    image_id: Optional[str] = None
 
 
 def _tally(items: Iterable[Union[_Skip, _Sample, _Prepared]]) -> Tally:
@@ -178,17 +204,21 @@ class _SampleReader:
     and image header and draws its crop/flip; ``decode`` finishes it with Pillow; ``for_dali`` turns it
     into what the DALI pipeline takes."""
 
-    def __init__(self, source, transform, seed: int, with_meta: bool, max_caption_chars: int):
-        self.source, self.transform, self.seed, self.with_meta = source, transform, seed, with_meta
+    def __init__(self, source, transform, seed: int, max_caption_chars: int, captions: str):
+        self.source, self.transform, self.seed = source, transform, seed
         self.max_caption_chars = max_caption_chars
+        self.captions = captions
+        """Which of a sample's captions it keeps: "all", "first" or "draw" (one, from its generator)."""
 
     def prepare(self, epoch: int, index: int) -> Union[_Prepared, _Skip]:
         try:
-            raw = self.source.read(index, self.with_meta)
+            # with the metadata: it may hold the captions and image id (multi-caption shards)
+            raw = self.source.read(index, with_meta=True)
         except (OSError, ValueError):  # bytes gone or short (a shard changed after indexing), bad JSON
             return _Skip(epoch, "unreadable_sample")
-        caption = clean_caption(raw.caption, self.max_caption_chars)
-        if not caption:
+        captions = [clean_caption(c, self.max_caption_chars) for c in sample_captions(raw)]
+        captions = [c for c in captions if c]
+        if not captions:
             return _Skip(epoch, "empty_caption")
         try:
             header = probe_image(raw.image)
@@ -196,15 +226,20 @@ class _SampleReader:
             return _Skip(epoch, error.reason)
         rng = random.Random(f"{self.seed}:{epoch}:{index}")
         plan = self.transform.plan(header.height, header.width, rng)
+        if self.captions == "first" or (self.captions == "draw" and len(captions) == 1):
+            captions = captions[:1]
+        elif self.captions == "draw":
+            captions = [captions[rng.randrange(len(captions))]]
         negatives = raw.meta.get("negatives") if isinstance(raw.meta, dict) else None
         if isinstance(negatives, dict):
             negatives = {k: clean_caption(v, self.max_caption_chars) if isinstance(v, str) else v
                          for k, v in negatives.items()}
         if plan.flipped:  # a mirrored image needs mirrored words (see transforms.swap_left_right)
-            caption = swap_left_right(caption)
+            captions = [swap_left_right(c) for c in captions]
             if isinstance(negatives, dict):
                 negatives = {k: swap_left_right(v) if isinstance(v, str) else v for k, v in negatives.items()}
-        return _Prepared(epoch, index, raw.key, raw.image, header, plan, caption, negatives, raw.repaired)
+        return _Prepared(epoch, index, raw.key, raw.image, header, plan, tuple(captions), negatives, raw.repaired,
+                         sample_image_id(raw))
 
     def _decode(self, prepared: _Prepared) -> torch.Tensor:
         return decode_rgb(prepared.data, self.transform.decode_side, prepared.header)
@@ -215,7 +250,8 @@ class _SampleReader:
         except Exception:  # Pillow raises many types for corrupt files; none may stop training
             return _Skip(prepared.epoch, "undecodable_image")
         pixels = self.transform.apply(image, prepared.plan)
-        return _Sample(prepared.key, pixels, prepared.caption, prepared.negatives, prepared.epoch, prepared.repaired)
+        return _Sample(prepared.key, pixels, prepared.captions, prepared.negatives, prepared.epoch, prepared.repaired,
+                       prepared.image_id)
 
     def for_dali(self, prepared: _Prepared):
         """A ``dali.DaliSample``: the stored bytes when DALI decodes them like Pillow, else a PPM of the
@@ -250,14 +286,17 @@ class _SampleDataset(Dataset):
 
 class _TextEncoder:
     """Captions (and, when every sample has them, the three negatives) of a list of samples ->
-    ``Batch`` text fields, tokenized in one call so all share one length L."""
+    ``Batch`` text fields, tokenized in one call so all share one length L; an ``EvalBatch`` when
+    ``all_captions`` (samples then carry any number of captions)."""
 
-    def __init__(self, tokenizer, max_len: int, with_negatives: bool):
+    def __init__(self, tokenizer, max_len: int, with_negatives: bool, all_captions: bool = False):
         self.tokenizer, self.max_len, self.with_negatives = tokenizer, max_len, with_negatives
+        self.all_captions = all_captions
 
     def batch(self, samples: list, images: torch.Tensor) -> Batch:
         size = len(samples)
-        texts = [s.caption for s in samples]
+        texts = [caption for s in samples for caption in s.captions]
+        captions = len(texts)
         has_negatives = self.with_negatives and all(
             isinstance(s.negatives, dict) and all(isinstance(s.negatives.get(t), str) for t in NEGATIVE_TYPES)
             for s in samples)
@@ -266,11 +305,16 @@ class _TextEncoder:
         input_ids, attention_mask = encode(self.tokenizer, texts, self.max_len)
         negatives = None
         if has_negatives:
-            negatives = {t: (input_ids[(k + 1) * size:(k + 2) * size].clone(),
-                             attention_mask[(k + 1) * size:(k + 2) * size].clone())
+            negatives = {t: (input_ids[captions + k * size:captions + (k + 1) * size].clone(),
+                             attention_mask[captions + k * size:captions + (k + 1) * size].clone())
                          for k, t in enumerate(NEGATIVE_TYPES)}
-            input_ids, attention_mask = input_ids[:size].clone(), attention_mask[:size].clone()
-        return Batch(images, input_ids, attention_mask, [s.key for s in samples], negatives)
+            input_ids, attention_mask = input_ids[:captions].clone(), attention_mask[:captions].clone()
+        keys = [s.key for s in samples]
+        if not self.all_captions:
+            return Batch(images, input_ids, attention_mask, keys, negatives)
+        rows = torch.repeat_interleave(torch.arange(size), torch.tensor([len(s.captions) for s in samples]))
+        return EvalBatch(images, input_ids, attention_mask, keys, negatives, caption_rows=rows,
+                         image_ids=[s.image_id for s in samples])
 
 
 class _Collate:
@@ -328,7 +372,7 @@ class Loader:
 
     def __init__(self, cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1, epoch: int = 0,
                  max_samples: Optional[int] = None, with_negatives: Optional[bool] = None,
-                 pin_memory: Optional[bool] = None):
+                 pin_memory: Optional[bool] = None, all_captions: bool = False):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         if not 0 <= rank < world_size:
@@ -341,7 +385,7 @@ class Loader:
         if not self.path:
             raise ConfigError(f"{where} is empty: name a folder/glob of *.tar shards or a .jsonl file")
         try:
-            self.source = open_source(self.path)
+            self.source = open_source(self.path, data.image_root, per_caption=split == "train")
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
         self.batch_size, self.num_workers = data.batch_size, data.num_workers
@@ -360,12 +404,15 @@ class Loader:
         if data.image_size <= 0:
             raise ConfigError("data.image_size must be set (RunConfig takes it from the model preset)")
         train = split == "train"
-        transform = TrainTransform(data.image_size) if train else EvalTransform(data.image_size)
+        if all_captions and train:
+            raise ValueError("all_captions is for the eval split")
+        transform = TrainTransform(data.image_size) if train else EvalTransform(data.image_size, cfg.eval.resize)
         with_negatives = (not train) if with_negatives is None else with_negatives
-        self._reader = _SampleReader(self.source, transform, self.seed, with_meta=with_negatives,
-                                     max_caption_chars=CAPTION_CHARS_PER_TOKEN * data.max_text_len)
+        self._reader = _SampleReader(self.source, transform, self.seed,
+                                     max_caption_chars=CAPTION_CHARS_PER_TOKEN * data.max_text_len,
+                                     captions="draw" if train else "all" if all_captions else "first")
         self._dataset = _SampleDataset(self._reader)
-        self._text = _TextEncoder(self.tokenizer, data.max_text_len, with_negatives)
+        self._text = _TextEncoder(self.tokenizer, data.max_text_len, with_negatives, all_captions)
         self._collate = _Collate(self._text, refill=train)
         if train:
             self.num_samples = len(self.source)
@@ -589,9 +636,12 @@ def resolve_decoder(name: str) -> str:
 
 
 def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1, epoch: int = 0, *,
-                 max_samples: Optional[int] = None, with_negatives: Optional[bool] = None) -> Loader:
+                 max_samples: Optional[int] = None, with_negatives: Optional[bool] = None,
+                 all_captions: bool = False) -> Loader:
     """The ``Batch`` iterable of ``split`` ("train": ``cfg.data.train``, shuffled, augmented, infinite;
     "eval": ``cfg.data.eval``, ordered, one pass of at most ``max_samples`` (default
-    ``cfg.eval.max_samples``), with hard negatives) for ``rank`` of ``world_size``, starting at
-    ``epoch``. Raises ``ConfigError`` for a missing path or an empty dataset."""
-    return Loader(cfg, split, rank, world_size, epoch, max_samples=max_samples, with_negatives=with_negatives)
+    ``cfg.eval.max_samples``; 0 = all), with hard negatives; ``all_captions``: ``EvalBatch``es with
+    every caption of each image) for ``rank`` of ``world_size``, starting at ``epoch``. Raises
+    ``ConfigError`` for a missing path or an empty dataset."""
+    return Loader(cfg, split, rank, world_size, epoch, max_samples=max_samples, with_negatives=with_negatives,
+                  all_captions=all_captions)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import EVAL_RESIZE_MODES
 from .images import decode_rgb  # noqa: F401  (re-exported: the Pillow decoder the transforms pair with)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,6 +52,22 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     pixels = image.unsqueeze(0).to(torch.float32)
     if pixels.shape[-2:] != (height, width):
         pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return pixels.squeeze(0)
+
+
+def resize_bicubic_like_pillow(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[3, H, W]`` uint8 -> float32 ``[3, height, width]`` holding what Pillow's
+    ``Image.resize((width, height), BICUBIC)`` gives (ALBEF's eval resize). Pillow resamples one axis
+    at a time with an antialiased Keys a = -0.5 filter (torch's antialiased bicubic is the same
+    filter), rounding and clipping to uint8 after each pass, and runs first the pass whose output is
+    smaller; we do the same."""
+    pixels = image.unsqueeze(0).to(torch.float32)
+    in_h, in_w = pixels.shape[-2:]
+    sizes = [(in_h, width), (height, width)] if in_h * width <= height * in_w else [(height, in_w), (height, width)]
+    for size in sizes:
+        if pixels.shape[-2:] != size:
+            pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)
+            pixels = pixels.round().clamp(0.0, 255.0)
     return pixels.squeeze(0)
 
 
@@ -137,22 +154,34 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """The centred square of side ``min(H, W)``, resized (antialiased) to ``size`` x ``size``,
-    normalised — the same pixels as resizing the shorter side to ``size`` and centre-cropping, up to
-    rounding, but resizing only the part that is kept."""
+    """Deterministic eval input of ``size`` x ``size``, normalised, by ``resize`` (``eval.resize``):
 
-    def __init__(self, size: int):
-        self.size = size
+    - "square": the whole image resized to ``size`` x ``size`` as Pillow's bicubic resize does
+      (``resize_bicubic_like_pillow``), aspect ratio not kept, nothing cropped — ALBEF's test
+      transform (``Resize((S, S), BICUBIC)``). The DALI decoder resizes the same box bilinearly.
+    - "center_crop": the centred square of side ``min(H, W)``, resized (antialiased bilinear) — the
+      same pixels as resizing the shorter side to ``size`` and centre-cropping, up to rounding, but
+      resizing only the part that is kept.
+    """
+
+    def __init__(self, size: int, resize: str = "square"):
+        if resize not in EVAL_RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(EVAL_RESIZE_MODES)}, got {resize!r}")
+        self.size, self.resize = size, resize
 
     @property
     def decode_side(self) -> int:
         return self.size
 
     def plan(self, height: int, width: int, rng: random.Random | None = None) -> CropPlan:
+        if self.resize == "square":
+            return CropPlan(0, 0, height, width, (height, width), False)
         side = min(height, width)
         return CropPlan((height - side) // 2, (width - side) // 2, side, side, (height, width), False)
 
     def apply(self, image: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+        if self.resize == "square":  # the plan is the whole image, at whatever scale it was decoded
+            return normalize(resize_bicubic_like_pillow(image, self.size, self.size))
         return crop_resize_normalize(image, plan, self.size)
 
     def __call__(self, image: torch.Tensor, rng: random.Random | None = None) -> tuple[torch.Tensor, bool]:

@@ -1,15 +1,22 @@
 """``fastvl eval --checkpoint RUN_DIR[/step_N | /model_fp32.pt] --data PATH [--config FILE] [--set k=v ...]``
 
 Rebuilds the recipe from the config saved with the checkpoint (no DeepSpeed engine: consolidated fp32
-weights, or the DeepSpeed files read directly), encodes at most ``eval.max_samples`` samples of PATH
-and reports zero-shot retrieval R@K (retrieval.py) and the ARO-style probes (probes.py) as a JSON
-file (default ``RUN_DIR/eval_<data name>.json``) and a printed table. ``--config`` / ``--set`` may
-change only the ``data`` and ``eval`` sections (batch size, K values, re-rank depth, ...).
+weights, or the DeepSpeed files read directly), encodes every image of PATH with all of its captions
+(or the first ``eval.max_samples``, which is then printed) and reports zero-shot retrieval R@K by the
+COCO/Flickr protocol (retrieval.py) and the ARO-style probes (probes.py) as a JSON file (default
+``RUN_DIR/eval_<data name>.json``) and a printed table. PATH is shards, a JSONL file or an ALBEF-style
+.json annotation file (``--set data.image_root=DIR`` when its image paths are relative to DIR).
+``--config`` / ``--set`` may change only the ``data`` and ``eval`` sections (batch size, K values,
+re-rank depth, resize, ...).
+
+Under a launcher (``torchrun``/``deepspeed`` setting ``WORLD_SIZE`` > 1) every rank encodes its share
+of the images and scores its share of the ITM pairs; all ranks compute the metrics, rank 0 writes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +25,9 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, RunConfig, _parse_override, config_from_dict, merge, read_config_file
+from ..dist import rank_and_world
 from .probes import probe_metrics
-from .retrieval import encode, retrieval_metrics
+from .retrieval import encode, gather_encoded, group_images, retrieval_metrics
 
 EDITABLE_SECTIONS = ("data", "eval")
 
@@ -43,13 +51,15 @@ def eval_config(saved: dict, config_path: Optional[str], overrides: list[str], d
     return config_from_dict(merge(saved, changes))
 
 
-def evaluate(recipe, batches, cfg: RunConfig, device: torch.device = torch.device("cpu")) -> dict:
-    """Retrieval and probe metrics of ``recipe.scorer`` over ``batches``."""
+def evaluate(recipe, batches, cfg: RunConfig, device: torch.device = torch.device("cpu"),
+             progress: bool = False) -> dict:
+    """Retrieval and probe metrics of ``recipe.scorer`` over ``batches`` (this rank's share of the data
+    under a launcher)."""
     started = time.perf_counter()
-    data = encode(recipe.scorer, batches, device, max_samples=cfg.eval.max_samples or None)
+    data = group_images(gather_encoded(encode(recipe.scorer, batches, device, progress)))
     batch_size = 4 * cfg.data.batch_size  # ITM pairs need no gradients: bigger batches, fewer calls
     result = {"retrieval": retrieval_metrics(data, recipe.scorer, cfg.eval.k_values, cfg.eval.itm_rerank,
-                                             batch_size, device),
+                                             batch_size, device, progress),
               "probes": probe_metrics(data, recipe.scorer, batch_size, device)}
     result["seconds"] = time.perf_counter() - started
     return result
@@ -58,7 +68,7 @@ def evaluate(recipe, batches, cfg: RunConfig, device: torch.device = torch.devic
 def format_table(result: dict) -> str:
     r = result["retrieval"]
     ks = list(r["itc"]["image_to_text"])
-    lines = [f"retrieval: {r['n_images']} images, {r['n_distinct_captions']} distinct captions",
+    lines = [f"retrieval: {r['n_images']} images, {r['n_captions']} captions ({r['n_distinct_captions']} distinct)",
              f"  {'direction':<15}{'scores':<18}" + "".join(f"{k:>8}" for k in ks)]
     blocks = [("ITC", r["itc"])]
     if "itm_rerank" in r:
@@ -89,11 +99,14 @@ def _default_output(checkpoint: Path, data: str) -> Path:
 def main(argv: Optional[list[str]] = None, prog: str = "fastvl eval") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="RUN_DIR, RUN_DIR/step_N or a model_fp32.pt file")
-    parser.add_argument("--data", required=True, help="folder/glob of *.tar shards or a .jsonl file")
+    parser.add_argument("--data", required=True,
+                        help="folder/glob of *.tar shards, a .jsonl file or an ALBEF-style .json annotation file")
     parser.add_argument("--config", default=None, help="JSON whose data/eval sections override the checkpoint's")
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override data.* / eval.* fields, e.g. --set eval.itm_rerank=32")
     parser.add_argument("--out", default=None, help="JSON output (default RUN_DIR/eval_<data name>.json)")
+    # the deepspeed launcher passes --local_rank; the rank comes from the environment
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides = [item for group in args.overrides for item in group]
     try:
@@ -101,14 +114,23 @@ def main(argv: Optional[list[str]] = None, prog: str = "fastvl eval") -> int:
     except ConfigError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    print(format_table(result))
-    print(f"results: {result['output']}")
+    if "output" in result:  # rank 0
+        print(format_table(result))
+        print(f"results: {result['output']}")
     return 0
+
+
+def cap_message(evaluated: int, available: int) -> Optional[str]:
+    """The line saying that ``eval.max_samples`` leaves images out, or None when it does not."""
+    if evaluated >= available:
+        return None
+    return f"evaluating {evaluated} of {available} images (eval.max_samples; 0 = all)"
 
 
 def run(checkpoint: str, data: str, config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
         out: Optional[str] = None) -> dict:
-    """Load, evaluate, write the JSON; returns the result (with its path under "output")."""
+    """Load, evaluate, write the JSON (rank 0); returns the result (on rank 0 with its path under
+    "output")."""
     from ..data.loader import build_loader
     from ..train.checkpoint import load_recipe, resolve_checkpoint, saved_config
     from ..train.loop import check_data_path
@@ -116,11 +138,22 @@ def run(checkpoint: str, data: str, config_path: Optional[str] = None, overrides
     check_data_path(data, "--data")
     kind, where = resolve_checkpoint(checkpoint)
     cfg = eval_config(saved_config(kind, where), config_path, overrides or [], data)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..train.engine import init_distributed
+
+        init_distributed()
+    rank, world = rank_and_world()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     recipe, cfg, step = load_recipe(checkpoint, cfg, device)
-    loader = build_loader(cfg, "eval", 0, 1, 0, with_negatives=True)
+    loader = build_loader(cfg, "eval", rank, world, 0, with_negatives=True, all_captions=True)
+    message = cap_message(loader.num_samples, len(loader.source))
+    if message and rank == 0:
+        print(message)
     result = {"checkpoint": str(where), "step": step, "data": data, "method": cfg.method.name,
-              **evaluate(recipe, loader, cfg, device)}
+              "data_samples": len(loader.source),
+              **evaluate(recipe, loader, cfg, device, progress=rank == 0)}
+    if rank != 0:
+        return result
     path = Path(out) if out else _default_output(Path(checkpoint), data)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def recipe_and_batches(checkpoint: str, data: str, samples: int, batch_size: int):
     """(recipe in eval mode, its config, its step, batches of at most ``samples`` samples of ``data``:
-    centre crops, no shuffling, no hard negatives, no loader workers)."""
+    the eval transform (``eval.resize``), no shuffling, no hard negatives, no loader workers)."""
     from ..data.loader import build_loader
     from ..train.checkpoint import load_recipe
 

@@ -8,7 +8,8 @@ exchanged around the relation; ``attribute_swap`` — attributes exchanged betwe
     accuracy_ITC = mean_i [ cos(image_i, caption_i)  > cos(image_i, negative_i) ]
 
 Ties count as failures (a model that cannot tell them apart is not credited). Chance is 0.5; a
-bag-of-words model sits near 0.5 on relation_swap and shuffle (Yuksekgonul et al., ARO).
+bag-of-words model sits near 0.5 on relation_swap and shuffle (Yuksekgonul et al., ARO). With several
+captions per image, caption_i is the image's first caption (the one the negatives are made from).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def probe_metrics(data: EncodedData, scorer, batch_size: int = 64, device: torch
     if not data.negatives:
         return {}
     captions = data.captions
-    n = len(data)
-    true_itm = itm_pair_scores(scorer, data, captions, torch.arange(n), torch.arange(n), batch_size, device)
-    true_itc = (data.image_feat * captions.feat).sum(dim=1)
+    n, m = len(data), len(captions.rows)
+    first_caption = torch.full((n,), m).scatter_reduce(0, captions.rows, torch.arange(m), "amin")
+    true_itm = itm_pair_scores(scorer, data, captions, torch.arange(n), first_caption, batch_size, device)
+    true_itc = (data.image_feat * captions.feat[first_caption]).sum(dim=1)
     out = {}
     for kind, negative in sorted(data.negatives.items()):
         rows = negative.rows

@@ -6,7 +6,7 @@ from PIL import Image
 
 from fastvl.config import ConfigError
 from fastvl.data.dali import dali_import_error
-from fastvl.data.jsonl import JsonlSource
+from fastvl.data.jsonl import AnnotationSource
 from fastvl.data.loader import build_loader
 from fastvl.data.source import open_source
 
@@ -34,7 +34,7 @@ def jsonl_dataset(tmp_path):
 
 def test_records_resolve_relative_paths_and_skip_bad_lines(jsonl_dataset):
     source = open_source(str(jsonl_dataset))
-    assert isinstance(source, JsonlSource)
+    assert isinstance(source, AnnotationSource)
     assert len(source) == 7
     assert source.skipped == {"bad_record": 1, "missing_caption": 1, "missing_image": 1}
     first = source.read(0)

@@ -59,13 +59,38 @@ def test_normalisation_is_imagenet_and_invertible():
     assert torch.allclose(denormalize(normalize(image.float())), image.float(), atol=1e-4)
 
 
-def test_eval_transform_resizes_the_short_side_and_centre_crops():
+def white_centre_black_sides():
     image = torch.zeros(3, 40, 80, dtype=torch.uint8)
     image[:, :, 16:64] = 255  # white centre (48 of 80 columns), black sides
-    out, _ = EvalTransform(20)(image)
+    return image
+
+
+def test_eval_transform_centre_crop_resizes_the_short_side_and_crops():
+    out, _ = EvalTransform(20, "center_crop")(white_centre_black_sides())
     pixels = denormalize(out)
     assert out.shape == (3, 20, 20)
     assert pixels.min() > 250  # the centre crop (columns 20..60 before resizing) sees only white
+
+
+def test_eval_transform_square_keeps_the_whole_image_and_differs_from_the_centre_crop():
+    out, flipped = EvalTransform(20)(white_centre_black_sides())  # "square" is the default
+    pixels = denormalize(out)
+    assert out.shape == (3, 20, 20) and not flipped
+    # the whole width squeezed into 20 columns: 16/80 of it is black on each side -> 4 black columns
+    assert pixels[:, :, :3].max() < 1 and pixels[:, :, -3:].max() < 1 and pixels[:, :, 6:14].min() > 254
+    assert not torch.allclose(out, EvalTransform(20, "center_crop")(white_centre_black_sides())[0])
+
+
+@pytest.mark.parametrize("height, width, size", [(37, 83, 24), (30, 50, 64), (100, 60, 64), (480, 640, 224)])
+def test_eval_transform_square_is_pillows_bicubic_resize(height, width, size):
+    """ALBEF's test transform is ``Resize((S, S), BICUBIC)`` on a PIL image: the reference here.
+    Pillow computes in fixed point, so a rare pixel may be one level off."""
+    pixels = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    reference = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC)).astype(np.float32)
+    out, _ = EvalTransform(size, "square")(torch.from_numpy(pixels).permute(2, 0, 1))
+    ours = denormalize(out).permute(1, 2, 0).numpy()
+    difference = np.abs(ours - reference)
+    assert difference.max() <= 1.0 + 1e-3 and (difference > 0.5).mean() < 1e-3
 
 
 def test_random_resized_crop_box_respects_scale_and_bounds():

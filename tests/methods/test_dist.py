@@ -1,16 +1,16 @@
 """The rank-invariance helpers: 2 gloo processes with half a batch each compute what 1 process with
 the whole batch computes — losses, random draws and (averaged) gradients."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fastvl.dist import global_uniform
 from fastvl.objectives.itc import itc_loss
 from fastvl.objectives.mlm import mlm_loss
+
+from ..two_ranks import spawn_two_ranks
 
 
 def _problem():
@@ -26,23 +26,6 @@ def _loss(image_raw, text_raw, token_raw, rows):
     picked = u < 0.5  # a rank-dependent number of "masked" tokens, as in MLM
     mlm = mlm_loss(token_raw[rows][picked], torch.zeros(int(picked.sum()), dtype=torch.long))
     return itc + mlm, u
-
-
-def _spawn(worker, n_results):
-    """Run ``worker(rank, port, queue)`` in 2 gloo processes; the ``n_results`` items they queue."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in range(n_results)]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
 
 
 def _worker(rank, port, out):
@@ -68,7 +51,7 @@ def test_two_ranks_equal_one_process():
     loss, u_all = _loss(image, text, tokens, slice(0, 8))
     loss.backward()
 
-    results = _spawn(_worker, 3)
+    results = spawn_two_ranks(_worker, 3)
     grads = [torch.from_numpy(a) for a in next(r for r in results if len(r) == 4)]
     draws = {rank: torch.from_numpy(u) for rank, u in (r for r in results if len(r) == 2)}
     assert torch.allclose(grads[0], loss.detach(), atol=1e-6)
@@ -94,7 +77,7 @@ def test_agent_gradients_are_averaged_over_ranks():
     """The PPO agent's whole-batch update: one flattened all-reduce gives every rank the mean gradient
     of every parameter, leaves parameters without a gradient alone and keeps the shapes."""
     shapes = [(2, 3), None, (1, 2), (1,)]  # Linear(3, 2).weight, .bias (no grad), Linear(2, 1).weight, .bias
-    for _, grads in _spawn(_agent_grads_worker, 2):
+    for _, grads in spawn_two_ranks(_agent_grads_worker, 2):
         assert grads[1] is None
         for i in (0, 2, 3):
             assert grads[i].shape == shapes[i] and (grads[i] == 1.5 * (i + 1)).all(), (i, grads[i])
