@@ -97,6 +97,12 @@ class ModelConfig:
     """Per-channel LayerScale on both residual branches of every ViT block (CaiT/DINOv2)."""
     vision_ln_eps: Optional[float] = None
     """Epsilon of the ViT's LayerNorms: 1e-6 for timm and DINOv2, 1e-12 for Hugging Face ViT/DeiT."""
+    text_pooling: str = "cls"
+    """How the ITC text embedding reads the text encoder's states: "cls" (ALBEF: the [CLS] row, which
+    BERT's next-sentence task trained to summarise) or "mean" (the mean over real tokens, how
+    sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained to be read: after MiniLM's
+    first 3 layers the [CLS] rows of different captions have cosine similarity 0.9999996, so ITC
+    cannot start from them). ITM keeps reading the fused [CLS]."""
     dropout: float = 0.0
     grad_checkpointing: bool = False
     """Recompute each ViT / BERT / multiway layer's activations in the backward pass instead of keeping
@@ -115,6 +121,7 @@ class ModelConfig:
         _check(self.vision_width % self.vision_heads == 0, "model.vision_width must divide by model.vision_heads")
         _check(self.text_width % self.text_heads == 0, "model.text_width must divide by model.text_heads")
         _check(self.vision_ln_eps > 0, "model.vision_ln_eps must be positive")
+        _check(self.text_pooling in ("cls", "mean"), f"model.text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}")
 
     @property
     def num_patches(self) -> int:

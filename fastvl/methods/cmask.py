@@ -157,6 +157,9 @@ class CMask(Recipe):
         self.options = build_section(CMaskOptions, cfg.method.options, "method.options")
         o = self.options
         self.special = special_tokens(cfg)
+        if cfg.model.text_pooling != "cls":
+            raise ConfigError("model.text_pooling: C-Mask's ITC reads the text [CLS] row, as the paper does; "
+                              "set model.text_pooling=cls")
         if o.backbone == "multiway":
             self.backbone = MultiwayModel(cfg.model, o.layers, o.vl_layers)
             total = self.backbone.num_layers

@@ -8,7 +8,8 @@ Shapes (B batch, L text length, N patches, Dv/Dt vision/text width, E ITC width,
 token_type_ids=None, attn_mask=None, kind=None, step=None)``
 ``fuse(text_states, attention_mask, image_states, image_mask=None, *,  -> [B, L, Dt]
 attn_mask=None, kind=None, step=None)``
-``image_feat(image_states)`` / ``text_feat(text_states)``              -> unit-norm [B, E] (projected [CLS])
+``image_feat(image_states)`` / ``text_feat(text_states, mask)``        -> unit-norm [B, E] (projected [CLS];
+                                                                       text: ``text_pooling``)
 ``mlm_logits(states)``                                                 [..., Dt] -> [..., V] (tied decoder)
 ``itm_logits(fused)``                                                  [B, L, Dt] or [B, Dt] -> [B, 2]
 =====================================================================  =====================================
@@ -93,9 +94,15 @@ class AlbefModel(ObservableModel):
         """Unit-norm ITC embedding [B, E] of the image [CLS]."""
         return unit_projection(self.vision_proj, image_states[:, 0])
 
-    def text_feat(self, text_states: torch.Tensor) -> torch.Tensor:
-        """Unit-norm ITC embedding [B, E] of the text [CLS]."""
-        return unit_projection(self.text_proj, text_states[:, 0])
+    def text_feat(self, text_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unit-norm ITC embedding [B, E] of the text: its [CLS] row, or with ``model.text_pooling="mean"``
+        the mean of the rows ``attention_mask`` [B, L] marks as real tokens."""
+        if self.cfg.text_pooling == "cls":
+            return unit_projection(self.text_proj, text_states[:, 0])
+        if attention_mask is None:
+            raise ValueError("model.text_pooling='mean' needs the attention mask of the text states")
+        weights = attention_mask.to(text_states.dtype).unsqueeze(-1)
+        return unit_projection(self.text_proj, (text_states * weights).sum(1) / weights.sum(1).clamp_min(1))
 
     def mlm_logits(self, states: torch.Tensor) -> torch.Tensor:
         """[..., Dt] -> [..., V], decoder tied to the word embeddings."""

@@ -1,19 +1,74 @@
-"""Image-text contrastive loss (ALBEF/CLIP InfoNCE, both directions) over the global batch."""
+"""Image-text contrastive loss (ALBEF/CLIP InfoNCE, both directions) over the global batch, optionally
+against ALBEF's momentum features and queues with momentum-distilled soft targets."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ..dist import gather_with_grad, global_offset
 
 
-def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature: torch.Tensor):
-    """``image_feat``/``text_feat``: unit-norm [b, E] for this rank's pairs. Each local image is
-    contrasted against every text of the global batch and vice versa (features gathered across ranks
-    with gradients). Returns (loss, sim_i2t [b, G], sim_t2i [b, G]) with G the global batch; the
-    similarities (fp32, detached) feed hard-negative mining."""
-    all_image = gather_with_grad(image_feat)
-    all_text = gather_with_grad(text_feat)
-    sim_i2t = image_feat.float() @ all_text.float().t() / temperature.float()
-    sim_t2i = text_feat.float() @ all_image.float().t() / temperature.float()
-    targets = torch.arange(image_feat.shape[0], device=image_feat.device) + global_offset(image_feat.shape[0])
-    loss = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_t2i, targets)) / 2
-    return loss, sim_i2t.detach(), sim_t2i.detach()
+@dataclass
+class MomentumKeys:
+    """ALBEF's contrastive keys: the momentum model's unit-norm features of this step's pairs and the
+    queues of earlier steps' momentum features (all detached)."""
+
+    image: torch.Tensor
+    """[b, E] momentum image features of this rank's pairs (the distillation queries)."""
+    text: torch.Tensor
+    """[b, E] momentum text features of this rank's pairs."""
+    all_image: torch.Tensor
+    """[G, E] ``image`` of every rank, in rank order (the global batch)."""
+    all_text: torch.Tensor
+    """[G, E] ``text`` of every rank."""
+    image_queue: torch.Tensor
+    """[Q, E] momentum image features of earlier global batches (Q may be 0)."""
+    text_queue: torch.Tensor
+    """[Q, E] momentum text features of earlier global batches."""
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy against a target distribution: -sum(targets * log_softmax(logits)), [n]."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+
+
+def distilled_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ALBEF's momentum-distillation targets: alpha * softmax(teacher_logits) + (1 - alpha) * one-hot."""
+    one_hot = F.one_hot(labels, teacher_logits.shape[-1]).to(teacher_logits.dtype)
+    return alpha * teacher_logits.softmax(dim=-1) + (1.0 - alpha) * one_hot
+
+
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature: torch.Tensor,
+             momentum: Optional[MomentumKeys] = None, alpha: float = 0.0):
+    """``image_feat``/``text_feat``: unit-norm [b, E] for this rank's pairs.
+
+    Without ``momentum``, each local image is contrasted against every text of the global batch and
+    vice versa (features gathered across ranks with gradients). With ``momentum`` (ALBEF), the keys are
+    the momentum features of the global batch followed by the queue, [G + Q, E], and no gradient flows
+    into them; with ``alpha`` > 0 the targets are ``distilled_targets`` of the momentum queries'
+    similarities to the same keys (ALBEF eq. 3 with ITC_MoD), with ``alpha`` = 0 the one-hot positives.
+
+    Returns (loss, sim_i2t [b, G], sim_t2i [b, G]) with G the global batch; the similarities (fp32,
+    detached, the batch columns only) feed hard-negative mining."""
+    if momentum is None:
+        text_keys, image_keys = gather_with_grad(text_feat).float(), gather_with_grad(image_feat).float()
+    else:
+        text_keys = torch.cat([momentum.all_text.float(), momentum.text_queue.float()])
+        image_keys = torch.cat([momentum.all_image.float(), momentum.image_queue.float()])
+    temperature = temperature.float()
+    sim_i2t = image_feat.float() @ text_keys.t() / temperature
+    sim_t2i = text_feat.float() @ image_keys.t() / temperature
+    rows = image_feat.shape[0]
+    targets = torch.arange(rows, device=image_feat.device) + global_offset(rows)
+    if momentum is not None and alpha > 0:
+        with torch.no_grad():
+            soft_i2t = distilled_targets(momentum.image.float() @ text_keys.t() / temperature, targets, alpha)
+            soft_t2i = distilled_targets(momentum.text.float() @ image_keys.t() / temperature, targets, alpha)
+        loss = (soft_cross_entropy(sim_i2t, soft_i2t).mean() + soft_cross_entropy(sim_t2i, soft_t2i).mean()) / 2
+    else:
+        loss = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_t2i, targets)) / 2
+    batch = image_keys.shape[0] - (0 if momentum is None else momentum.image_queue.shape[0])
+    return loss, sim_i2t[:, :batch].detach(), sim_t2i[:, :batch].detach()

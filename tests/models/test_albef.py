@@ -206,3 +206,34 @@ def test_gradients_reach_every_parameter(cfg):
     no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert no_grad == []
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_mean_text_pooling_reads_the_real_tokens_only(cfg):
+    torch.manual_seed(0)
+    model = AlbefModel(ModelConfig(preset="tiny", text_pooling="mean")).eval()
+    _, ids, mask = batch(cfg)
+    ids, mask = ids[:2].clone(), mask[:2].clone()
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        states = model.encode_text(ids, mask)
+        feat = model.text_feat(states, mask)
+        expected = F.normalize(model.text_proj(states[1, :5].mean(0)), dim=-1)
+        torch.testing.assert_close(feat[1], expected)
+        # what sits in the padded rows does not matter; the [CLS] row alone is not what is read
+        states[1, 5:] = 100.0
+        torch.testing.assert_close(model.text_feat(states, mask)[1], expected)
+        assert not torch.allclose(feat[1], F.normalize(model.text_proj(states[1, 0]), dim=-1))
+    with pytest.raises(ValueError, match="text_pooling='mean' needs the attention mask"):
+        model.text_feat(states)
+
+
+def test_cmask_refuses_mean_text_pooling():
+    from fastvl.config import ConfigError, load_config
+    from fastvl.methods import build_method
+
+    from pathlib import Path
+
+    config = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "tiny_cmask.json"),
+                         ["model.text_pooling=mean"])
+    with pytest.raises(ConfigError, match="C-Mask's ITC reads the text \\[CLS\\] row"):
+        build_method(config)
