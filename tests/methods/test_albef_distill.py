@@ -205,7 +205,8 @@ def test_queues_and_momentum_model_resume_exactly(synth, tmp_path, single_thread
     """4 steps straight == 2 steps, resume, 2 more: losses logged and every tensor saved (weights,
     momentum copy, queues, pointer) equal bit for bit; the 12-entry queue wraps at batch 8."""
     extra = ["data.batch_size=8", "train.steps=4", "train.save_every=2", "train.keep_last=1", "model.dropout=0.1",
-             "method.options.queue_size=12", "method.options.alpha_warmup_steps=2"]
+             "method.options.momentum_distill=true", "method.options.queue_size=12",
+             "method.options.alpha_warmup_steps=2"]
     straight = load_config(TINY, quick_run(synth, tmp_path / "straight", *extra))
     split = load_config(TINY, quick_run(synth, tmp_path / "split", *extra))
     train(straight, progress=False)
@@ -227,7 +228,8 @@ def test_two_processes_log_what_one_process_logs(synth, tmp_path):
     """2 ranks x 4 == 1 process x 8 (batch in rank order): the queues enqueue the gathered global batch,
     so the queue contents (wrapping at 12) and every loss agree."""
     common = ["train.steps=3", "train.zero_stage=2", "train.precision=fp32", "data.max_text_len=12",
-              "method.options.queue_size=12", "method.options.alpha_warmup_steps=0"]
+              "method.options.momentum_distill=true", "method.options.queue_size=12",
+              "method.options.alpha_warmup_steps=0"]
     one = load_config(TINY, quick_run(synth, tmp_path / "one", "data.batch_size=8", *common))
     train(one, build_loader=RankOrderedLoader, progress=False)
     command = [str(LAUNCHER), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "fastvl.train",
