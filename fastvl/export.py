@@ -36,8 +36,6 @@ from .config import ConfigError
 WEIGHTS = "model.safetensors"
 TEXT_FOLDER = "text"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-PRETRAINED_INITS = ("text_init", "image_init")
-"""ModelConfig fields that name pretrained files: read once at training start, cleared in an export."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,24 +53,18 @@ def inference_recipe(recipe):
 def exported_config(cfg) -> dict:
     """``cfg`` as the export's config.json: pretrained inits cleared (the weights hold them), the
     tokenizer in the export folder, no frozen prefixes (training only)."""
-    config = cfg.to_dict()
-    for name in PRETRAINED_INITS:
-        if name in config["model"]:
-            config["model"][name] = None
+    from .train.checkpoint import without_pretrained_inits
+
+    config = without_pretrained_inits(cfg).to_dict()
     config["data"]["tokenizer"] = "."
     config["train"]["freeze"] = []
     return config
 
 
-def layer_norm_eps(module: nn.Module) -> dict[str, float]:
-    """Every LayerNorm's epsilon by module name (a pretrained init may set it; the config does not say)."""
-    return {name: sub.eps for name, sub in module.named_modules() if isinstance(sub, nn.LayerNorm)}
-
-
 def export(checkpoint: str, out: str | Path, progress: bool = True) -> Path:
     """Write the model folder of ``checkpoint`` to ``out`` (a new or empty folder); returns it."""
     from .data.tokenizer import tokenizer_folder
-    from .train.checkpoint import load_recipe, write_weights
+    from .train.checkpoint import layer_norm_eps, load_recipe, write_weights
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

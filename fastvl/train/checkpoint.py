@@ -23,6 +23,7 @@ data classes DeepSpeed checkpoints hold; anything else is refused with a ``Confi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import random
@@ -148,7 +149,7 @@ def save_consolidated(engine, run_dir: Path, step: int, config: dict) -> Optiona
             state_dict = engine.recipe.state_dict()
         else:
             state_dict = fp32_state_dict_from_checkpoint(Path(run_dir) / tag_for(step), engine.recipe)
-        write_weights(path, state_dict, config, step)
+        write_weights(path, state_dict, config, step, layer_norm_eps=json.dumps(layer_norm_eps(engine.recipe)))
     _barrier()
     return path
 
@@ -340,6 +341,11 @@ def resolve_checkpoint(path: str) -> tuple[str, Path]:
                       f"or a 'latest' file)")
 
 
+def layer_norm_eps(module: torch.nn.Module) -> dict[str, float]:
+    """Every LayerNorm's epsilon by module name (a pretrained init may set it; the config does not say)."""
+    return {name: sub.eps for name, sub in module.named_modules() if isinstance(sub, torch.nn.LayerNorm)}
+
+
 def set_layer_norm_eps(module: torch.nn.Module, eps_by_name: dict[str, float]) -> None:
     """Give the named LayerNorms of ``module`` their epsilon (what a pretrained init set and the
     config does not say)."""
@@ -354,7 +360,11 @@ def load_recipe(path: str, cfg: Optional[RunConfig] = None, device: torch.device
     """Rebuild the recipe a checkpoint was trained with and load its fp32 weights (strict). ``path``:
     a run directory, a step_<N> folder, a consolidated file or an exported folder (``fastvl export``).
     ``cfg`` replaces the saved config (it must describe the same model). Returns (recipe in eval mode,
-    cfg, step)."""
+    cfg, step).
+
+    A weights file that records its LayerNorm epsilons (what fastvl writes since they were added) holds
+    everything a pretrained init set, so the recipe is built without reading ``model.text_init`` /
+    ``model.image_init`` again: a run evaluates where those files are gone."""
     from ..methods import build_method
 
     kind, where = resolve_checkpoint(path)
@@ -366,7 +376,8 @@ def load_recipe(path: str, cfg: Optional[RunConfig] = None, device: torch.device
         step = int(TAG_PATTERN.match(where.name).group(1))
         config = saved_config(kind, where)
     cfg = cfg if cfg is not None else config_from_dict(config)
-    recipe = build_method(cfg)
+    eps = (saved or {}).get("layer_norm_eps")
+    recipe = build_method(without_pretrained_inits(cfg) if eps else cfg)
     state_dict = saved["state_dict"] if saved is not None else fp32_state_dict_from_checkpoint(where, recipe)
     try:  # a module's serialized extra state (C-Mask's agent) is read weights-only too
         missing, unexpected = recipe.load_state_dict(state_dict, strict=False)
@@ -375,5 +386,10 @@ def load_recipe(path: str, cfg: Optional[RunConfig] = None, device: torch.device
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not match recipe '{cfg.method.name}': "
                           f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    set_layer_norm_eps(recipe, (saved or {}).get("layer_norm_eps", {}))
+    set_layer_norm_eps(recipe, eps or {})
     return recipe.to(device).eval(), cfg, step
+
+
+def without_pretrained_inits(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``model.text_init`` and ``model.image_init`` unset (the weights come from a checkpoint)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text_init=None, image_init=None))

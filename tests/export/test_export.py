@@ -184,3 +184,18 @@ def test_every_recipe_exports(config, teacher_run, tmp_path, capsys):
 def test_load_names_a_missing_folder():
     with pytest.raises(ConfigError, match="not found"):
         fastvl.load("/nonexistent/model")
+
+
+def test_a_run_evaluates_without_its_pretrained_files(albef_run, monkeypatch):
+    """The run's final weights record the LayerNorm epsilons a pretrained init set, so rebuilding it never
+    reads model.text_init again (the folder may be gone) and still gives the init's epsilon."""
+    import fastvl.models.albef
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_recipe read the pretrained text weights again")
+
+    monkeypatch.setattr(fastvl.models.albef, "load_hf_bert", refuse)
+    recipe, cfg, _ = load_recipe(str(albef_run))
+    assert cfg.model.text_init is not None  # the run's config still says where it started
+    norms = [m for m in recipe.backbone.text_encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.eps == BERT_EPS for m in norms)
