@@ -197,7 +197,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     precision: str = "auto"
-    """"auto" (fp16 on CUDA, bf16 on CPU when supported, else fp32), "fp16" (CUDA only), "bf16", "fp32"."""
+    """"auto" (bf16 on GPUs of compute capability >= 8.0 and CPUs with native bf16, fp16 with loss scaling on
+    older GPUs, else fp32), "fp16" (CUDA only), "bf16", "fp32"."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
     optimizer: str = "auto"

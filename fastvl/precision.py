@@ -13,3 +13,12 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def auto_precision(device: torch.device) -> str:
+    """What "auto" means on ``device``: bf16 where the hardware computes it natively (CUDA compute
+    capability >= 8.0, i.e. Ampere and later; CPUs with AVX512-BF16 / AMX), else fp16 with loss scaling
+    on older GPUs and fp32 on other CPUs. bf16 has fp32's range, so it needs no loss scale."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"

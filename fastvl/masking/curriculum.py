@@ -70,7 +70,7 @@ from ..dist import rank_and_world
 from ..models.attention import merge_heads, split_heads
 from ..models.bert import BertLayer
 from ..models.init import init_weights
-from ..precision import cpu_has_native_bf16
+from ..precision import auto_precision
 from .text import IGNORE_INDEX, TextMask
 
 MASK_SELECTIONS = ("learned", "random")
@@ -303,11 +303,8 @@ def _query_key_value(layer: BertLayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def agent_compute_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of ``agent_precision`` on ``device``; None = plain fp32."""
-    if precision == "auto":  # the half dtype train.precision=auto would pick, with bf16 first
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "auto":  # what train.precision=auto picks
+        precision = auto_precision(device)
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

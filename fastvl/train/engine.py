@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RunConfig
-from ..precision import cpu_has_native_bf16
+from ..precision import auto_precision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,12 +114,11 @@ def device_for(local_rank: int) -> torch.device:
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto`` -> fp16 on CUDA, bf16 on a CPU with native bf16, else fp32. fp16 off CUDA is a
-    ConfigError: DeepSpeed's fp16 path (dynamic loss scaling, fused fp16 optimizer) is CUDA-only."""
+    """``auto`` -> ``precision.auto_precision``: bf16 on GPUs of compute capability >= 8.0 and CPUs with
+    native bf16, fp16 on older GPUs, else fp32. fp16 off CUDA is a ConfigError: DeepSpeed's fp16 path
+    (dynamic loss scaling, fused fp16 optimizer) is CUDA-only."""
     if requested == "auto":
-        if device.type == "cuda":
-            return "fp16"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        return auto_precision(device)
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError(
             f"train.precision=fp16 needs a CUDA GPU (dynamic loss scaling runs there); this run is on "

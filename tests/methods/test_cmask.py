@@ -349,14 +349,13 @@ def test_ppo_with_positive_advantage_raises_the_chosen_action(precision, layers)
 
 
 def test_agent_precision_resolves_per_device(monkeypatch):
+    from fastvl import precision
     from fastvl.masking.curriculum import agent_compute_dtype
-
-    from fastvl.masking import curriculum
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for supported, on_cuda, on_cpu in ((True, torch.bfloat16, torch.bfloat16), (False, torch.float16, None)):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
-        monkeypatch.setattr(curriculum, "cpu_has_native_bf16", lambda: supported)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0) if supported else (7, 5))
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: supported)
         assert agent_compute_dtype("auto", cuda) == on_cuda
         assert agent_compute_dtype("auto", cpu) == on_cpu  # fp32 where bf16 would be emulated
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from fastvl.config import ConfigError, load_config
-from fastvl.train.engine import (check_zero3_support, cpu_has_native_bf16, deepspeed_config, lr_factor,
+from fastvl.precision import cpu_has_native_bf16
+from fastvl.train.engine import (check_zero3_support, deepspeed_config, lr_factor,
                                  parameter_groups, resolve_precision)
 
 CPU = torch.device("cpu")
@@ -22,7 +23,14 @@ def test_precision_auto_and_explicit_on_cpu():
     assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolve_precision("bf16", CPU) == "bf16"
     assert resolve_precision("fp32", CPU) == "fp32"
-    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_precision_auto_on_cuda_takes_bf16_where_the_gpu_has_it(monkeypatch, capability, expected):
+    """Volta/Turing have no bf16 units: fp16 with loss scaling; Ampere and later: bf16 (no loss scale)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == expected
 
 
 class _Model(nn.Module):
