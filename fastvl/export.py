@@ -224,11 +224,11 @@ class VisionLanguageModel:
             return image
         from PIL import Image
 
-        from .data.images import _to_rgb_array
+        from .data.images import pil_to_rgb
 
         if not isinstance(image, Image.Image):
             raise ValueError(f"images must be PIL images or uint8 tensors, got {type(image).__name__}")
-        return torch.from_numpy(_to_rgb_array(image).copy()).permute(2, 0, 1)
+        return pil_to_rgb(image)
 
     def _tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from .data.tokenizer import encode

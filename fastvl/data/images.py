@@ -216,6 +216,12 @@ def dali_decodes_directly(header: ImageHeader) -> bool:
     return header.format == "png" and not header.has_alpha and header.bit_depth in (1, 2, 4, 8, 16)
 
 
+def pil_to_rgb(image: Image.Image) -> torch.Tensor:
+    """A loaded Pillow image -> uint8 ``[3, H, W]`` RGB with the module's colour semantics (16-bit and
+    float gray scaled, transparency composited on white): what ``decode_rgb`` returns for its bytes."""
+    return torch.from_numpy(_to_rgb_array(image).copy()).permute(2, 0, 1)
+
+
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
     """A loaded Pillow image -> uint8 ``[H, W, 3]`` with the module's colour semantics."""
     mode = image.mode
@@ -263,8 +269,7 @@ def decode_rgb(data: bytes, min_side: int = 0, header: Optional[ImageHeader] = N
         if scale > 1:
             image.draft("RGB", (header.width // scale, header.height // scale))
         image.load()
-        array = _to_rgb_array(image)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return pil_to_rgb(image)
 
 
 def encode_ppm(pixels: torch.Tensor) -> bytes:

@@ -1,4 +1,4 @@
-"""``fastvl eval --checkpoint RUN_DIR[/step_N | /model_fp32.pt] --data PATH [--config FILE] [--set k=v ...]``
+"""``fastvl eval --checkpoint RUN_DIR[/step_N | /model.safetensors] | EXPORT_DIR --data PATH [--set k=v ...]``
 
 Rebuilds the recipe from the config saved with the checkpoint (no DeepSpeed engine: consolidated fp32
 weights, or the DeepSpeed files read directly), encodes every image of PATH with all of its captions
@@ -98,7 +98,8 @@ def _default_output(checkpoint: Path, data: str) -> Path:
 
 def main(argv: Optional[list[str]] = None, prog: str = "fastvl eval") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="RUN_DIR, RUN_DIR/step_N or a model_fp32.pt file")
+    parser.add_argument("--checkpoint", required=True,
+                        help="RUN_DIR, RUN_DIR/step_N, a weights file or a folder written by fastvl export")
     parser.add_argument("--data", required=True,
                         help="folder/glob of *.tar shards, a .jsonl file or an ALBEF-style .json annotation file")
     parser.add_argument("--config", default=None, help="JSON whose data/eval sections override the checkpoint's")

@@ -61,7 +61,8 @@ def save_reconstruction_grid(recipe, batch: Batch, out: str | Path, step: int = 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvl.eval.reconstruct", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="run directory, step_<N> folder, model.safetensors or an exported folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, step_<N> folder, model.safetensors or an exported folder")
     parser.add_argument("--data", required=True, help="image-caption data (shards folder or JSONL)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--samples", type=int, default=8, help="rows of the grid")

@@ -70,7 +70,8 @@ def reward_headroom(recipe, batches: Iterable[Batch], masks: int = 16, seed: int
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvl.eval.reward_headroom",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a C-Mask run directory, step_<N> folder, model.safetensors or an exported folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a C-Mask run directory, step_<N> folder, model.safetensors or an exported folder")
     parser.add_argument("--data", required=True, help="image-caption data (shards folder or JSONL)")
     parser.add_argument("--samples", type=int, default=64, help="samples read at most")
     parser.add_argument("--batch-size", type=int, default=32)

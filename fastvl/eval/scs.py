@@ -87,7 +87,8 @@ def swapped_context_similarity(recipe, batches: Iterable[Batch], mask_id: int, m
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastvl.eval.scs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="run directory, step_<N> folder, model.safetensors or an exported folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, step_<N> folder, model.safetensors or an exported folder")
     parser.add_argument("--data", required=True, help="image-caption data (shards folder or JSONL)")
     parser.add_argument("--samples", type=int, default=256, help="samples read at most")
     parser.add_argument("--batch-size", type=int, default=32)

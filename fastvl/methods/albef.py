@@ -8,7 +8,7 @@ distillation and ITC queues as in the official implementation.
   corrupts the caption; the fusion encoder reads it with the full image; loss at masked positions.
 
 Momentum distillation (``method.options``, see ``AlbefOptions``; ``momentum_distill`` is on in
-configs/*_albef.json, as in ALBEF, and off when not given):
+configs/base_albef.json, as in ALBEF's pretraining, and off when not given):
 
 - **Momentum model**: an EMA copy (``models.ema.EmaTeacher``, fp32 master, run under ``no_grad`` in the
   compute dtype and in eval mode) of the whole backbone, of which ALBEF's ``*_m`` parts are used: vision
@@ -41,7 +41,7 @@ copy itself would cope (``EmaTeacher.update`` gathers partitioned weights, the c
 Other recipes reuse its pieces: ``encode``/``contrastive``/``matching``/``masked_lm`` are the
 building blocks, so a recipe that adds objectives calls them rather than repeating them. Those that do
 not build an ALBEF backbone through ``Albef.__init__`` (MaskVLM, MAMO) have no momentum model
-(``self.momentum_model`` is None) and their building blocks behave as without distillation.
+(``momentum_teacher`` is None) and their building blocks behave as without distillation.
 """
 from __future__ import annotations
 
@@ -231,10 +231,8 @@ class Albef(Recipe):
         states = self.backbone.encode_text(masked.input_ids, batch.attention_mask)
         fused = self.backbone.fuse(states, batch.attention_mask, image_states)
         where = masked.mask
-        logits = self.backbone.mlm_logits(fused[where])
-        if momentum is None or momentum.mlm_probs is None:
-            return mlm_loss(logits, masked.labels[where])
-        return mlm_loss(logits, masked.labels[where], momentum.mlm_probs, momentum.alpha)
+        teacher, alpha = (None, 0.0) if momentum is None else (momentum.mlm_probs, momentum.alpha)
+        return mlm_loss(self.backbone.mlm_logits(fused[where]), masked.labels[where], teacher, alpha)
 
     # -- the recipe -----------------------------------------------------------------------------
 
@@ -255,7 +253,7 @@ class Albef(Recipe):
     def after_step(self, step: int, applied: bool = True) -> None:
         super().after_step(step, applied)
         if self.momentum_teacher is not None and applied:  # a skipped step left the weights as they were
-            self.momentum_model.update()
+            self.momentum_teacher.update()
 
     @property
     def scorer(self):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dist import gather_with_grad, global_offset
+from .common import distilled_targets, soft_cross_entropy
 
 
 @dataclass
@@ -28,17 +29,6 @@ class MomentumKeys:
     """[Q, E] momentum image features of earlier global batches (Q may be 0)."""
     text_queue: torch.Tensor
     """[Q, E] momentum text features of earlier global batches."""
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy against a target distribution: -sum(targets * log_softmax(logits)), [n]."""
-    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)
-
-
-def distilled_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
-    """ALBEF's momentum-distillation targets: alpha * softmax(teacher_logits) + (1 - alpha) * one-hot."""
-    one_hot = F.one_hot(labels, teacher_logits.shape[-1]).to(teacher_logits.dtype)
-    return alpha * teacher_logits.softmax(dim=-1) + (1.0 - alpha) * one_hot
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature: torch.Tensor,

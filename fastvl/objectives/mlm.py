@@ -7,8 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import global_masked_mean
-from .itc import soft_cross_entropy
+from .common import global_masked_mean, soft_cross_entropy
 
 
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: Optional[torch.Tensor] = None,
