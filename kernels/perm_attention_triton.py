@@ -19,12 +19,19 @@ one kernel per key block accumulates ``dv_j = sum_i P_ij dout_i`` and ``dk_j = s
 over the live query blocks, another per query block accumulates ``dq_i = scale sum_j dS_ij k_j``.
 
 Matrix products take the input dtype (fp16/bf16 on tensor cores) with fp32 accumulation; fp32 inputs
-use IEEE products (no TF32) so the fp32 path matches the reference closely.
+use IEEE products (no TF32) so the fp32 path matches the reference closely. Those run on CUDA cores,
+so fp32 gets its own, smaller tiles (``TILES``): every kernel compiles without register spills on sm_80
+and sm_90 (tests/kernels/test_compile.py). Offsets of a batch/head slice are 64-bit (``pid_bh``);
+offsets inside one slice (L * row stride) stay 32-bit.
 """
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._triton import cuda_capability, launch
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -267,12 +274,63 @@ def _perm_attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers.
 # --------------------------------------------------------------------------------------------------
-DEFAULT_BLOCK_M = 64
-DEFAULT_BLOCK_N = 64
+class Tiles(NamedTuple):
+    """A launch configuration: rows of the kernel's own block, rows of the streamed block, warps, stages."""
+
+    block_own: int  # the block a program owns: queries (fwd, dq) or keys (dk/dv)
+    block_streamed: int  # the block it loops over: keys (fwd, dq) or queries (dk/dv)
+    num_warps: int
+    num_stages: int
+
+
+# Tiles per (kernel, precision, head-dim bucket, GPU), "low" = fp16 / bf16, picked from a sweep of block
+# sizes, warps and stages as the largest blocks for which ptxas reports no register spills at the
+# bucket's head dim (checked against compile_budget.py by tests/kernels/test_compile.py; print them with
+# `python -m fastvl_kernels.compile_report`). fp32 keeps IEEE products (no TF32), which Triton computes
+# with FMAs on CUDA cores: 64 x 64 blocks with 4 warps spilled 2-22 KB there, smaller blocks and 8 warps
+# do not. GPUs below sm_90 take the sm_80 rows, newer ones the sm_90 rows; head dims above 128 the 128
+# rows. Only sm_80 and sm_90 are checked.
+_T = Tiles
+TILES: dict[tuple[str, str, int, int], Tiles] = {
+    ("fwd", "low", 64, 80): _T(64, 64, 4, 3), ("dkdv", "low", 64, 80): _T(32, 64, 4, 3),
+    ("dq", "low", 64, 80): _T(64, 32, 4, 3),
+    ("fwd", "low", 64, 90): _T(64, 64, 4, 3), ("dkdv", "low", 64, 90): _T(64, 64, 4, 3),
+    ("dq", "low", 64, 90): _T(64, 64, 4, 3),
+    ("fwd", "fp32", 64, 80): _T(64, 32, 8, 2), ("dkdv", "fp32", 64, 80): _T(64, 32, 8, 2),
+    ("dq", "fp32", 64, 80): _T(64, 32, 8, 2),
+    ("fwd", "fp32", 64, 90): _T(64, 32, 8, 2), ("dkdv", "fp32", 64, 90): _T(64, 32, 8, 2),
+    ("dq", "fp32", 64, 90): _T(64, 32, 8, 2),
+    ("fwd", "low", 128, 80): _T(32, 64, 4, 3), ("dkdv", "low", 128, 80): _T(32, 64, 4, 3),
+    ("dq", "low", 128, 80): _T(32, 64, 4, 3),
+    ("fwd", "low", 128, 90): _T(64, 64, 4, 3), ("dkdv", "low", 128, 90): _T(32, 64, 4, 3),
+    ("dq", "low", 128, 90): _T(32, 64, 4, 3),
+    ("fwd", "fp32", 128, 80): _T(32, 32, 8, 2), ("dkdv", "fp32", 128, 80): _T(32, 32, 8, 2),
+    ("dq", "fp32", 128, 80): _T(32, 32, 8, 2),
+    ("fwd", "fp32", 128, 90): _T(32, 16, 8, 2), ("dkdv", "fp32", 128, 90): _T(32, 32, 8, 2),
+    ("dq", "fp32", 128, 90): _T(32, 32, 8, 2),
+}
+HEAD_DIM_BUCKETS = (64, 128)
+DEFAULT_CAPABILITY = 80  # the interpreter (no GPU) and GPUs without a tuned row use the sm_80 tiles
+
+
+def tile_config(kernel: str, dtype: torch.dtype, head_dim: int, capability: Optional[int]) -> Tiles:
+    """The tiles of ``kernel`` ("fwd", "dkdv", "dq") for inputs of ``dtype`` and ``head_dim`` on a GPU of
+    compute capability ``capability`` (None: interpreter)."""
+    precision = "fp32" if dtype == torch.float32 else "low"
+    bucket = next((b for b in HEAD_DIM_BUCKETS if head_dim <= b), HEAD_DIM_BUCKETS[-1])
+    arch = 90 if capability is not None and capability >= 90 else DEFAULT_CAPABILITY
+    return TILES[(kernel, precision, bucket, arch)]
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def _check_block(block: int, name: str) -> int:
+    # tl.dot needs every dimension >= 16; tl.arange needs powers of two.
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"permutation_attention (triton): {name}={block} must be a power of two >= 16")
+    return block
 
 
 def _constants(codes) -> dict:
@@ -280,19 +338,37 @@ def _constants(codes) -> dict:
                 NO_QUERY_PID=codes.NO_QUERY_PID, BIG=codes.BIG)
 
 
+def _launch_tiles(kernel: str, q: Tensor, block_m: Optional[int], block_n: Optional[int]) -> tuple[int, int, dict]:
+    """(block_m, block_n, launch options) for ``kernel``; explicit block sizes override the table."""
+    tiles = tile_config(kernel, q.dtype, q.shape[-1], cuda_capability(q.device))
+    own_is_query = kernel != "dkdv"
+    table_m, table_n = ((tiles.block_own, tiles.block_streamed) if own_is_query
+                        else (tiles.block_streamed, tiles.block_own))
+    block_m = _check_block(block_m or table_m, "block_m")
+    block_n = _check_block(block_n or table_n, "block_n")
+    return block_m, block_n, dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def grid(batch: int, heads: int, seq_len: int, block: int) -> tuple[int, int]:
+    """Programs per launch: batch * heads on axis 0 (CUDA allows 2^31 - 1 there, 65535 on axes 1 and 2),
+    blocks of the sequence on axis 1."""
+    return batch * heads, triton.cdiv(seq_len, block)
+
+
 def perm_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, rule, scale: float,
-                              block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N) -> tuple[Tensor, Tensor]:
+                              block_m: Optional[int] = None, block_n: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Launch the forward. ``rule`` is an ``EncodedRule`` (codes [B, L] int32 contiguous) and
-    ``rule.block_summaries(block_n, keys=True)`` supplies the key-block summaries."""
+    ``rule.block_summaries(block_n, keys=True)`` supplies the key-block summaries. Block sizes default
+    to ``tile_config``; q, k, v may have any strides."""
     batch, heads, seq_len, head_dim = q.shape
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.zero_()
+    block_m, block_n, options = _launch_tiles("fwd", q, block_m, block_n)
     k_lo, _, k_pid_lo, k_pid_hi = rule.block_summaries(block_n, keys=True)
     n_key_blocks = k_lo.shape[1]
-    grid = (batch * heads, triton.cdiv(seq_len, block_m))
-    _perm_attn_fwd_kernel[grid](
+    launch(_perm_attn_fwd_kernel, grid(batch, heads, seq_len, block_m),
         q, k, v, out, lse,
         rule.key_req, rule.key_pid, rule.query_thr, rule.query_pid,
         k_lo, k_pid_lo, k_pid_hi,
@@ -301,14 +377,16 @@ def perm_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, rule, scale: floa
         scale * LOG2E,
         **_constants(rule),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), IEEE_DOT=q.dtype == torch.float32,
+        **options,
     )
     return out, lse
 
 
 def perm_attention_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, rule,
-                              scale: float, block_m: int = DEFAULT_BLOCK_M,
-                              block_n: int = DEFAULT_BLOCK_N) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the two backward kernels; returns dq, dk, dv (contiguous, dtype of q)."""
+                              scale: float, block_m: Optional[int] = None,
+                              block_n: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the two backward kernels; returns dq, dk, dv (contiguous, dtype of q). Inputs may have
+    any strides."""
     batch, heads, seq_len, head_dim = q.shape
     dq = torch.empty((batch, heads, seq_len, head_dim), device=q.device, dtype=q.dtype)
     dk, dv = torch.empty_like(dq), torch.empty_like(dq)
@@ -316,20 +394,24 @@ def perm_attention_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
         return dq, dk, dv
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # [B, H, L]
     lse = lse.contiguous()
-    q_sum = rule.block_summaries(block_m, keys=False)
-    k_sum = rule.block_summaries(block_n, keys=True)
-    common = dict(**_constants(rule), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
-                  IEEE_DOT=q.dtype == torch.float32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     codes = (rule.key_req, rule.key_pid, rule.query_thr, rule.query_pid)
-    _perm_attn_bwd_dkdv_kernel[(batch * heads, triton.cdiv(seq_len, block_n))](
+    common = dict(**_constants(rule), BLOCK_D=_block_d(head_dim), IEEE_DOT=q.dtype == torch.float32)
+
+    dkdv_m, dkdv_n, dkdv_options = _launch_tiles("dkdv", q, block_m, block_n)
+    q_sum = rule.block_summaries(dkdv_m, keys=False)
+    launch(_perm_attn_bwd_dkdv_kernel, grid(batch, heads, seq_len, dkdv_n),
         q, k, v, grad_out, lse, delta, dk, dv, *codes,
         q_sum[1], q_sum[2], q_sum[3],
         heads, seq_len, head_dim, q_sum[0].shape[1], *strides, scale, scale * LOG2E, **common,
+        BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, **dkdv_options,
     )
-    _perm_attn_bwd_dq_kernel[(batch * heads, triton.cdiv(seq_len, block_m))](
+    dq_m, dq_n, dq_options = _launch_tiles("dq", q, block_m, block_n)
+    k_sum = rule.block_summaries(dq_n, keys=True)
+    launch(_perm_attn_bwd_dq_kernel, grid(batch, heads, seq_len, dq_m),
         q, k, v, grad_out, lse, delta, dq, *codes,
         k_sum[0], k_sum[2], k_sum[3],
         heads, seq_len, head_dim, k_sum[0].shape[1], *strides, scale, scale * LOG2E, **common,
+        BLOCK_M=dq_m, BLOCK_N=dq_n, **dq_options,
     )
     return dq, dk, dv

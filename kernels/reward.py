@@ -31,14 +31,14 @@ CPU under TRITON_INTERPRET=1), "cpp" (csrc/reward.cpp), "auto" (CUDA -> Triton, 
 else reference). All are one registered op, ``torch.ops.fastvl_kernels.value_weighted_topk_reward``,
 with a fake implementation so it traces under ``torch.compile``.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ._cpp import cpp_op
 from ._dispatch import choose_impl
-from ._triton import HAS_TRITON
+from ._triton import HAS_TRITON, cuda_capability, launch
 
 if HAS_TRITON:
     import triton
@@ -222,6 +222,33 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+class RewardTiles(NamedTuple):
+    block_rows: int  # query rows per program (fewer when the input has fewer)
+    block_sources: int  # source keys streamed per step
+    num_warps: int
+    num_stages: int
+
+
+# Per (input precision, GPU), chosen so that ptxas reports no register spills at head dim 64, topk 8
+# on sm_80 and sm_90 (tests/kernels/test_compile.py checks compile_budget.py). "low" = fp16 / bf16.
+REWARD_TILES = {
+    # 4 warps: bf16 spilled a few bytes on sm_80 with both masks; 8 warps hold the same tiles in ~100.
+    ("low", 80): RewardTiles(64, 64, 8, 3),
+    ("low", 90): RewardTiles(64, 64, 8, 3),
+    # fp32 takes IEEE products on CUDA cores (no TF32): half the source block and 8 warps keep it in
+    # registers (64 x 64 with 4 warps: 255 registers and ~660 B of spills).
+    ("fp32", 80): RewardTiles(64, 32, 8, 3),
+    ("fp32", 90): RewardTiles(64, 32, 8, 3),
+}
+
+
+def reward_tiles(dtype: torch.dtype, capability: Optional[int]) -> RewardTiles:
+    """Tiles for inputs of ``dtype`` on a GPU of compute capability ``capability`` (None: the
+    interpreter, which takes the sm_80 row)."""
+    arch = 90 if capability is not None and capability >= 90 else 80
+    return REWARD_TILES[("fp32" if dtype == torch.float32 else "low", arch)]
+
+
 def _reward_triton(q, k, v, source_mask, query_mask, scale: float, topk: int) -> Tensor:
     """Launcher: picks tile sizes and launches one program per (batch * head, block of rows)."""
     batch, heads, n_rows, head_dim = q.shape
@@ -236,8 +263,9 @@ def _reward_triton(q, k, v, source_mask, query_mask, scale: float, topk: int) ->
             f"the kernel keeps in registers ({_MAX_TRITON_TOPK}); use impl='cpp' or 'reference'"
         )
     k_pad = 2 if topk_all else max(2, _next_pow2(topk))
-    block_t = min(64, max(16, _next_pow2(n_rows)))
-    block_i = 64
+    tiles = reward_tiles(q.dtype, cuda_capability(q.device))
+    block_t = min(tiles.block_rows, max(16, _next_pow2(n_rows)))
+    block_i = tiles.block_sources
     block_d = max(16, _next_pow2(head_dim))
     block_dv = max(16, _next_pow2(value_dim))
     # Masks are passed as byte views (no copy); absent ones get a placeholder pointer never read.
@@ -246,7 +274,7 @@ def _reward_triton(q, k, v, source_mask, query_mask, scale: float, topk: int) ->
     src_strides = source_mask.stride() if source_mask is not None else (0, 0)
     qry_strides = query_mask.stride() if query_mask is not None else (0, 0)
     grid = (batch * heads, triton.cdiv(n_rows, block_t))
-    _vw_topk_reward_kernel[grid](
+    launch(_vw_topk_reward_kernel, grid,
         q, k, v, src, qry, out,
         heads, n_rows, n_src, head_dim, value_dim,
         *q.stride(), *k.stride(), *v.stride(), *src_strides, *qry_strides,
@@ -254,7 +282,7 @@ def _reward_triton(q, k, v, source_mask, query_mask, scale: float, topk: int) ->
         HAS_SOURCE_MASK=source_mask is not None, HAS_QUERY_MASK=query_mask is not None,
         TOPK_ALL=topk_all, TOPK=topk, K_PAD=k_pad, MERGE_ROUNDS=min(topk, block_i),
         BLOCK_T=block_t, BLOCK_I=block_i, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        IEEE_DOT=q.dtype == torch.float32,
+        IEEE_DOT=q.dtype == torch.float32, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from ._cpp import cpp_op
 from ._dispatch import choose_impl
-from ._triton import HAS_TRITON
+from ._triton import HAS_TRITON, launch
 
 ORDERS = ("learned", "left_to_right", "random", "single")
 # Compile-time codes of the order modes inside the kernels.
@@ -401,7 +401,7 @@ def _triton_impl(start_probs, cont_probs, lengths, counts, order_scores, seed, o
     if B == 0 or L == 0:
         return mask, span_id, step, log_prob.zero_(), entropy.zero_()
     block = triton.next_power_of_2(L)
-    _sample_spans_kernel[(B,)](
+    launch(_sample_spans_kernel, (B,),
         p, s, g, lengths, counts, mask, span_id, step, log_prob, entropy,
         seed, L, p.stride(0), s.stride(0), g.stride(0), L,
         ORDER=_ORDER_CODE[order], BLOCK_L=block, BLOCK_D=triton.next_power_of_2(3 * L),
