@@ -4,7 +4,8 @@ How samples are ordered and split (the design, and why):
 
 * The data is indexed at start-up (``source.open_source``: tar headers or JSONL records), so every
   sample has an integer index and can be fetched on its own. A missing path or an empty dataset
-  raises ``ConfigError`` here, before training starts.
+  raises ``ConfigError`` here, before training starts. (Sources that cannot be indexed — URLs,
+  ``pipe:`` commands, ``.tar.gz`` — and mixtures are streamed instead: ``fastvl.data.streaming``.)
 * **Train order.** For epoch ``e`` the global order is a pure function of (seed, e): the shards are
   permuted, their samples concatenated, and the stream passed through a shuffle buffer of
   ``data.shuffle_buffer`` samples (the webdataset algorithm, run on indices only) — reads stay
@@ -23,9 +24,14 @@ How samples are ordered and split (the design, and why):
   by ``loader.epoch`` (``train.max_epochs``).
 * **Resume.** ``state_dict()`` = (epoch, samples this rank consumed in it, seed, world size). After
   ``load_state_dict`` iteration continues with the first unseen sample, with the same augmentation
-  it would have had: each sample's crop/flip comes from a generator seeded by (seed, epoch, index).
-  Batches prefetched by workers but not yet handed out are not counted. Resuming with another world
-  size keeps the global position (exact when it divides evenly).
+  it would have had: each sample's crop, flip and RandAugment ops come from a generator seeded by
+  (seed, epoch, index). Batches prefetched by workers but not yet handed out are not counted.
+  Resuming with another world size ``M`` keeps the global position ``P`` (samples of the epoch's
+  order consumed by all ranks together): rank ``r`` continues at ``P + r, P + r + M, ...``. That
+  is exact whenever ``M`` divides ``P``, which holds when the global batch is unchanged and ``P`` is
+  a step boundary; otherwise the last ``P mod M`` samples are read again, with a warning. Where each
+  epoch ends also depends on the world size (its first ``floor(N / M) * M`` positions), so a
+  different remainder is warned about too.
 * **Eval** is one ordered pass (every sample, or the first ``eval.max_samples`` when that is
   positive; rank ``r`` takes indices ``r, r + W, ...``), no shuffling, last batch possibly short,
   the ``eval.resize`` transform (default: the whole image resized to a square, as ALBEF tests), and
@@ -34,17 +40,18 @@ How samples are ordered and split (the design, and why):
 * **Several captions per image** (``source``: annotation records with a caption list, shards with
   ``"captions"`` in their metadata). Training reads annotation files one sample per (image, caption)
   pair, as ALBEF does; a multi-caption shard sample is one image, and each visit draws one of its
-  captions from the sample's generator (after its crop and flip, so single-caption data keeps its
-  augmentations). Eval takes each image's first caption, or with ``all_captions`` all of them in an
+  captions from the sample's generator (after its crop, flip and ops, so single-caption data keeps
+  its augmentations). Eval takes each image's first caption, or with ``all_captions`` all of them in an
   ``EvalBatch`` (retrieval: ``fastvl.eval.retrieval``).
 * **Decoders.** ``data.decoder="pillow"``: a torch ``DataLoader`` whose ``num_workers`` processes
   decode with Pillow and transform with torch ops. ``data.decoder="dali"``: an NVIDIA DALI pipeline
-  with ``num_workers`` threads (at least one) decodes, crops, resizes, flips and normalises
-  (``fastvl.data.dali``; nvJPEG when CUDA is present, and then ``Batch.images`` arrive on the current
-  CUDA device). Either way the Python side reads the samples in the order above, checks them and
-  draws each crop/flip from the same per-sample generator, so both decoders give the same batches
-  (keys, captions, crops, flips; pixels within resampling differences) and the same resume. When
-  DALI is not importable, "dali" falls back to Pillow with a one-line warning.
+  with ``num_workers`` threads (at least one) decodes, crops, resizes and flips (``fastvl.data.dali``;
+  nvJPEG when CUDA is present, and then ``Batch.images`` arrive on the current CUDA device), and the
+  loader applies RandAugment and normalises with the Pillow path's torch code. Either way the Python
+  side reads the samples in the order above, checks them and draws each crop/flip (and RandAugment
+  ops, ``data.rand_augment``) from the same per-sample generator, so both decoders give the same
+  batches (keys, captions, crops, flips, ops; pixels within resampling differences) and the same
+  resume. When DALI is not importable, "dali" falls back to Pillow with a one-line warning.
 * **Bad samples** are skipped and counted by reason, checked before any decoding
   (``images.probe_image``: empty, truncated, corrupt header, unknown format, more than
   ``images.MAX_IMAGE_PIXELS`` pixels) or after (``undecodable_image``, ``unreadable_sample``,
@@ -77,9 +84,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import ConfigError, RunConfig
 from .batch import Batch
 from .images import BadImage, ImageHeader, dali_decodes_directly, decode_rgb, encode_ppm, probe_image
-from .source import open_source, sample_captions, sample_image_id
+from .source import RawSample, open_source, sample_captions, sample_image_id
 from .tokenizer import encode, load_tokenizer
-from .transforms import CropPlan, EvalTransform, TrainTransform, swap_left_right
+from .transforms import CropPlan, EvalTransform, TrainTransform, finish_batch, swap_left_right
 
 NEGATIVE_TYPES = ("relation_swap", "attribute_swap", "shuffle")
 CAPTION_CHARS_PER_TOKEN = 64
@@ -216,6 +223,11 @@ class _SampleReader:
             raw = self.source.read(index, with_meta=True)
         except (OSError, ValueError):  # bytes gone or short (a shard changed after indexing), bad JSON
             return _Skip(epoch, "unreadable_sample")
+        return self.check(raw, epoch, index)
+
+    def check(self, raw: RawSample, epoch: int, index: int) -> Union[_Prepared, _Skip]:
+        """``prepare`` of a sample already read (the streaming reader reads its own): caption and
+        image header checks, crop/flip and caption draw from the generator of (seed, epoch, index)."""
         captions = [clean_caption(c, self.max_caption_chars) for c in sample_captions(raw)]
         captions = [c for c in captions if c]
         if not captions:
@@ -385,7 +397,8 @@ class Loader:
         if not self.path:
             raise ConfigError(f"{where} is empty: name a folder/glob of *.tar shards or a .jsonl file")
         try:
-            self.source = open_source(self.path, data.image_root, per_caption=split == "train")
+            self.source = open_source(self.path, data.image_root, per_caption=split == "train",
+                                      index_cache=data.index_cache)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
         self.batch_size, self.num_workers = data.batch_size, data.num_workers
@@ -406,7 +419,7 @@ class Loader:
         train = split == "train"
         if all_captions and train:
             raise ValueError("all_captions is for the eval split")
-        transform = TrainTransform(data.image_size) if train else EvalTransform(data.image_size, cfg.eval.resize)
+        transform = TrainTransform.from_config(data) if train else EvalTransform(data.image_size, cfg.eval.resize)
         with_negatives = (not train) if with_negatives is None else with_negatives
         self._reader = _SampleReader(self.source, transform, self.seed,
                                      max_caption_chars=CAPTION_CHARS_PER_TOKEN * data.max_text_len,
@@ -463,7 +476,7 @@ class Loader:
     def state_dict(self) -> dict:
         counts = self._epoch_counts.get(self._epoch, Counter())
         return {"split": self.split, "epoch": self._epoch, "samples_in_epoch": self._offset,
-                "world_size": self.world_size, "seed": self.seed, "num_samples": self.num_samples,
+                "world_size": self.world_size, "rank": self.rank, "seed": self.seed, "num_samples": self.num_samples,
                 "skipped": dict(self.skipped), "repaired": dict(self.repaired),
                 "epoch_counts": {f"{kind}/{reason}": n for (kind, reason), n in counts.items()}}
 
@@ -482,16 +495,43 @@ class Loader:
                           f"{state['num_samples']}; restarting epoch {epoch} from its first sample")
             offset = 0
         old_world = int(state.get("world_size", self.world_size))
-        offset = min(offset * old_world // self.world_size, self.samples_per_epoch)
-        if offset == self.samples_per_epoch:
+        if old_world != self.world_size:
+            offset = self._position_on_new_world(epoch, offset, old_world)
+        if offset >= self.samples_per_epoch:
             epoch, offset = epoch + 1, 0
         self._epoch, self._offset = epoch, offset
-        self.skipped = Counter(state.get("skipped", {}))
-        self.repaired = Counter(state.get("repaired", {}))
+        own = state.get("rank", self.rank) == self.rank  # counts of another rank are not this rank's
+        self.skipped = Counter(state.get("skipped", {}) if own else self.indexing_skipped)
+        self.repaired = Counter(state.get("repaired", {}) if own else {})
         self._epoch_counts = defaultdict(Counter)
-        for name, n in state.get("epoch_counts", {}).items():
+        for name, n in (state.get("epoch_counts", {}) if own else {}).items():
             kind, _, reason = name.partition("/")
             self._epoch_counts[epoch][(kind, reason)] = n
+
+    def _position_on_new_world(self, epoch: int, offset: int, old_world: int) -> int:
+        """This rank's offset in ``epoch`` after ``old_world`` ranks consumed ``offset`` samples each:
+        the same global position ``offset * old_world`` of the epoch's order, split over this world
+        size. Exact when this world size divides it (always when the global batch is unchanged and
+        the epoch has not turned over since a step boundary); otherwise the last positions are read
+        again, with a warning, as are changes to where the epoch ends."""
+        consumed = offset * old_world
+        new_offset, again = divmod(consumed, self.world_size)
+        changes = []
+        if again:
+            changes.append(f"{self.world_size} ranks cannot split the {consumed} samples consumed so far evenly, so "
+                           f"the last {again} of them are read again")
+        old_usable = self.num_samples // old_world * old_world
+        if old_usable != self.samples_per_epoch * self.world_size:
+            changes.append(f"each epoch now ends after {self.samples_per_epoch * self.world_size} instead of "
+                           f"{old_usable} of its {self.num_samples} samples (a multiple of the world size)")
+        message = (f"data: resuming the position of {old_world} ranks on {self.world_size}: global sample "
+                   f"{consumed} of epoch {epoch}")
+        if self.rank == 0:  # every rank computes the same; one says it
+            if changes:
+                warnings.warn(f"{message}; " + "; ".join(changes))
+            else:
+                log.info("%s (exact)", message)
+        return new_offset
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -588,6 +628,7 @@ class Loader:
             elif isinstance(images, str) and images == FAILED:
                 yield self._dali_fallback(step)
             else:
+                images = finish_batch(images, [prepared.plan for prepared in step.prepared])
                 yield self._text.batch(step.prepared, images), step.tally
 
     def _batches(self, batch_sampler) -> Iterator[tuple[Optional[Batch], Tally]]:
@@ -642,6 +683,11 @@ def build_loader(cfg: RunConfig, split: str, rank: int = 0, world_size: int = 1,
     "eval": ``cfg.data.eval``, ordered, one pass of at most ``max_samples`` (default
     ``cfg.eval.max_samples``; 0 = all), with hard negatives; ``all_captions``: ``EvalBatch``es with
     every caption of each image) for ``rank`` of ``world_size``, starting at ``epoch``. Raises
-    ``ConfigError`` for a missing path or an empty dataset."""
+    ``ConfigError`` for a missing path or an empty dataset. URLs, ``pipe:`` commands, ``.tar.gz``
+    shards and mixtures are streamed (``fastvl.data.streaming.StreamingLoader``, train only)."""
+    from .streaming import StreamingLoader, needs_streaming
+
+    if needs_streaming(cfg.data.train if split == "train" else cfg.data.eval):
+        return StreamingLoader(cfg, split, rank, world_size, epoch)
     return Loader(cfg, split, rank, world_size, epoch, max_samples=max_samples, with_negatives=with_negatives,
                   all_captions=all_captions)

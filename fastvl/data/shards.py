@@ -14,17 +14,22 @@ tars cannot be read this way and are refused at start-up.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
+import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
+
 from ..config import ConfigError
+from ..dist import barrier, rank_and_world
 from .source import PathSpec, RawSample, decode_caption
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
@@ -32,12 +37,34 @@ IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 CAPTION_FIELD = "txt"
 META_FIELD = "json"
 
+log = logging.getLogger("fastvl.data")
+
+
 def split_key(member_name: str) -> tuple[str, str]:
     """``"dir/abc.def.jpg"`` -> ``("dir/abc", "def.jpg")``: key up to the first dot of the file name."""
     directory, _, name = member_name.rpartition("/")
     stem, dot, extension = name.partition(".")
     key = f"{directory}/{stem}" if directory else stem
     return key, extension.lower() if dot else ""
+
+
+def sample_problem(sizes: dict[str, int], safe: bool = True) -> Optional[str]:
+    """Why a sample with these members (extension -> byte size) cannot be used, or None: the reasons
+    counted while indexing (``unsafe_member_name`` when ``safe`` is false, ``missing_image``,
+    ``missing_caption``, ``empty_caption``, ``empty_image``). The streaming reader applies the same."""
+    image = next((sizes[name] for name in IMAGE_FIELDS if name in sizes), None)
+    caption = sizes.get(CAPTION_FIELD)
+    if not safe:
+        return "unsafe_member_name"
+    if image is None:
+        return "missing_image"
+    if caption is None:
+        return "missing_caption"
+    if caption == 0:
+        return "empty_caption"
+    if image == 0:
+        return "empty_image"
+    return None
 
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -88,47 +115,126 @@ def resolve_shard_paths(spec: PathSpec) -> list[Path]:
     return paths
 
 
-@dataclass
-class ShardIndex:
-    """Where every sample of a list of shards lives. Locations are ``(offset, size)`` byte ranges in
-    ``paths[shard[i]]``; ``meta[i]`` is None when the sample has no ``.json``."""
+RECORD = np.dtype([("image_offset", "<u8"), ("image_size", "<u4"), ("caption_delta", "<i4"),
+                   ("caption_size", "<u4"), ("meta_delta", "<i4"), ("meta_size", "<u4")])
+"""One indexed sample: the image's byte range, and the caption's and metadata's as offsets relative to
+the image (a sample's members are adjacent in its tar) — 32 bytes. Its key and shard are kept apart."""
+NO_META = np.iinfo(np.uint32).max
+"""``meta_size`` of a sample without ``.json``."""
+_DELTA = np.iinfo(np.int32)
 
-    paths: list[str] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    shard: list[int] = field(default_factory=list)
-    image: list[tuple[int, int]] = field(default_factory=list)
-    caption: list[tuple[int, int]] = field(default_factory=list)
-    meta: list[Optional[tuple[int, int]]] = field(default_factory=list)
-    skipped: Counter = field(default_factory=Counter)
-    """Samples dropped while indexing, by reason: missing_image, missing_caption, empty_caption (a
-    zero-byte .txt), empty_image,
-    unsafe_member_name, truncated_sample (the incomplete last sample of a cut-off shard); plus
-    truncated_shard, counted once per damaged shard."""
-    shard_starts: list[int] = field(default_factory=list)
-    """Index of each shard's first sample (shards keep their samples contiguous)."""
+
+class ShardIndex:
+    """Where every sample of a list of shards lives, in flat numpy arrays (about 32 bytes plus the key
+    per sample, against ~470 for Python objects) that can be memory-mapped from the index cache and
+    are shared, not copied, by forked loader workers.
+
+    Locations are ``(offset, size)`` byte ranges in ``paths[shard_of(i)]``; ``meta(i)`` is None when
+    the sample has no ``.json``. Shards keep their samples contiguous: shard ``s`` holds samples
+    ``shard_starts[s]`` to ``shard_starts[s + 1]`` (or the end)."""
+
+    def __init__(self, paths: list[str], records: np.ndarray, key_ends: np.ndarray, key_bytes: np.ndarray,
+                 shard_starts: np.ndarray, skipped: Counter):
+        self.paths, self.records, self.key_ends, self.key_bytes = paths, records, key_ends, key_bytes
+        self.shard_starts = shard_starts
+        self.skipped = skipped
+        """Samples dropped while indexing, by reason: missing_image, missing_caption, empty_caption (a
+        zero-byte .txt), empty_image, unsafe_member_name, oversized_sample (a member of 4 GiB or more,
+        or members 2 GiB or more apart), truncated_sample (the incomplete last sample of a cut-off
+        shard); plus truncated_shard, counted once per damaged shard."""
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.records)
 
-    def _add(self, shard: int, key: str, fields: dict[str, tuple[int, int]], safe: bool = True) -> None:
-        image = next((fields[name] for name in IMAGE_FIELDS if name in fields), None)
-        caption = fields.get(CAPTION_FIELD)
-        if not safe:
-            self.skipped["unsafe_member_name"] += 1
-        elif image is None:
-            self.skipped["missing_image"] += 1
-        elif caption is None:
-            self.skipped["missing_caption"] += 1
-        elif caption[1] == 0:
-            self.skipped["empty_caption"] += 1
-        elif image[1] == 0:
-            self.skipped["empty_image"] += 1
-        else:
-            self.keys.append(key)
-            self.shard.append(shard)
-            self.image.append(image)
-            self.caption.append(caption)
-            self.meta.append(fields.get(META_FIELD))
+    @property
+    def nbytes(self) -> int:
+        """Bytes the index arrays take (what ``len(self)`` samples cost in memory)."""
+        return sum(a.nbytes for a in (self.records, self.key_ends, self.key_bytes, self.shard_starts))
+
+    def key(self, i: int) -> str:
+        start = int(self.key_ends[i - 1]) if i > 0 else 0
+        return self.key_bytes[start:int(self.key_ends[i])].tobytes().decode("utf-8", "surrogateescape")
+
+    @property
+    def keys(self) -> list[str]:
+        """Every key, in index order (a new list: for inspection and tests, not the read path)."""
+        return [self.key(i) for i in range(len(self))]
+
+    def shard_of(self, i: int) -> int:
+        return int(np.searchsorted(self.shard_starts, i, side="right")) - 1
+
+    def image(self, i: int) -> tuple[int, int]:
+        record = self.records[i]
+        return int(record["image_offset"]), int(record["image_size"])
+
+    def caption(self, i: int) -> tuple[int, int]:
+        record = self.records[i]
+        return int(record["image_offset"]) + int(record["caption_delta"]), int(record["caption_size"])
+
+    def meta(self, i: int) -> Optional[tuple[int, int]]:
+        record = self.records[i]
+        if record["meta_size"] == NO_META:
+            return None
+        return int(record["image_offset"]) + int(record["meta_delta"]), int(record["meta_size"])
+
+
+class _IndexBuilder:
+    """Collects one shard's samples in Python lists at a time, then packs them into arrays."""
+
+    def __init__(self):
+        self.records: list[np.ndarray] = []
+        self.key_chunks: list[bytes] = []
+        self.key_lengths: list[np.ndarray] = []
+        self.shard_starts: list[int] = []
+        self.skipped: Counter = Counter()
+        self._count = 0
+        self._shard_records: list[tuple] = []
+        self._shard_keys: list[bytes] = []
+
+    def start_shard(self) -> None:
+        self._flush()
+        self.shard_starts.append(self._count)
+
+    def add(self, key: str, fields: dict[str, tuple[int, int]], safe: bool = True) -> None:
+        problem = sample_problem({name: size for name, (_, size) in fields.items()}, safe)
+        if problem is None:
+            problem, record = _packed(fields)
+        if problem is not None:
+            self.skipped[problem] += 1
+            return
+        self._shard_records.append(record)
+        self._shard_keys.append(key.encode("utf-8", "surrogateescape"))
+        self._count += 1
+
+    def _flush(self) -> None:
+        if self._shard_records:
+            self.records.append(np.array(self._shard_records, dtype=RECORD))
+            self.key_chunks.append(b"".join(self._shard_keys))
+            self.key_lengths.append(np.fromiter(map(len, self._shard_keys), np.int64, len(self._shard_keys)))
+            self._shard_records, self._shard_keys = [], []
+
+    def finish(self, paths: list[str]) -> ShardIndex:
+        self._flush()
+        records = np.concatenate(self.records) if self.records else np.empty(0, RECORD)
+        ends = np.cumsum(np.concatenate(self.key_lengths)) if self.key_lengths else np.empty(0, np.int64)
+        total = int(ends[-1]) if len(ends) else 0
+        key_ends = ends.astype(np.uint32 if total < 2 ** 32 else np.uint64)
+        key_bytes = np.frombuffer(b"".join(self.key_chunks), dtype=np.uint8)
+        return ShardIndex(paths, records, key_ends, key_bytes, np.asarray(self.shard_starts, dtype=np.int64),
+                          self.skipped)
+
+
+def _packed(fields: dict[str, tuple[int, int]]) -> tuple[Optional[str], Optional[tuple]]:
+    """(None, a ``RECORD`` row) for a usable sample's members, or ("oversized_sample", None) when its
+    sizes or distances do not fit the record."""
+    image_offset, image_size = next(fields[name] for name in IMAGE_FIELDS if name in fields)
+    caption_offset, caption_size = fields[CAPTION_FIELD]
+    meta_offset, meta_size = fields.get(META_FIELD, (image_offset, NO_META))
+    deltas = (caption_offset - image_offset, meta_offset - image_offset)
+    if max(image_size, caption_size, meta_size if META_FIELD in fields else 0) >= NO_META or not all(
+            _DELTA.min <= d <= _DELTA.max for d in deltas):
+        return "oversized_sample", None
+    return None, (image_offset, image_size, deltas[0], caption_size, deltas[1], meta_size)
 
 
 class _NotATar(Exception):
@@ -233,21 +339,24 @@ def index_shards(paths: Sequence[Path]) -> ShardIndex:
     counts one ``truncated_shard``. Samples with an unsafe member name (``is_safe_member_name``) are
     skipped.
     """
-    index = ShardIndex(paths=[os.fspath(p) for p in paths])
-    for shard_id, path in enumerate(index.paths):
-        index.shard_starts.append(len(index.keys))
+    from tqdm import tqdm
+
+    paths = [os.fspath(p) for p in paths]
+    builder = _IndexBuilder()
+    for path in tqdm(paths, desc="index shards", unit="shard", disable=len(paths) < 64, dynamic_ncols=True):
+        builder.start_shard()
         try:
             members, truncated = scan_tar(path)
         except _NotATar as error:
             raise ConfigError(f"not a readable uncompressed tar shard: {path} ({error})") from None
         if truncated:
-            index.skipped["truncated_shard"] += 1
+            builder.skipped["truncated_shard"] += 1
         key, fields, safe = None, {}, True
         for name, offset, size in members:
             member_key, extension = split_key(name)
             if member_key != key:
                 if key is not None:
-                    index._add(shard_id, key, fields, safe)
+                    builder.add(key, fields, safe)
                 key, fields, safe = member_key, {}, True
             fields[extension] = (offset, size)
             safe = safe and is_safe_member_name(name)
@@ -256,10 +365,147 @@ def index_shards(paths: Sequence[Path]) -> ShardIndex:
             # and a caption (a lost .json is optional); otherwise it is a casualty of the truncation
             complete = any(f in fields for f in IMAGE_FIELDS) and fields.get(CAPTION_FIELD, (0, 0))[1] > 0
             if truncated and not complete:
-                index.skipped["truncated_sample"] += 1
+                builder.skipped["truncated_sample"] += 1
             else:
-                index._add(shard_id, key, fields, safe)
-    return index
+                builder.add(key, fields, safe)
+    return builder.finish(paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# the index cache
+
+INDEX_VERSION = 1
+"""Written into every cache file; bump it when the indexing rules or the layout change, and older
+files are rebuilt instead of read."""
+_MAGIC = b"FVLINDEX"
+_ALIGN = 64
+SETTLE_SECONDS = 2.0
+"""An index is not cached while a shard is younger than this: a shard rewritten within the file
+system's timestamp granularity could keep its size and mtime, and a cached index would then point at
+the wrong bytes (git's "racily clean" problem). Such a run scans again next time."""
+
+
+def shard_stamps(paths: Sequence[str]) -> list[list]:
+    """``[absolute path, size, mtime_ns]`` of each shard: what a cached index must still match."""
+    stamps = []
+    for path in paths:
+        stat = os.stat(path)
+        stamps.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    return stamps
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fastvl/index`` (default ``~/.cache/fastvl/index``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastvl" / "index"
+
+
+def index_cache_files(paths: Sequence[str], setting: str = "") -> list[Path]:
+    """Where the index of these shards is cached, in the order tried for reading and writing, per
+    ``data.index_cache``: "" -> beside the first shard, then ``user_cache_dir()`` (when the shards'
+    folder is not writable); a folder -> there; "off" -> nowhere. The file name hashes the shards'
+    absolute paths, so one dataset has one cache file, replaced when a shard changes."""
+    if setting == "off" or not paths:
+        return []
+    digest = hashlib.sha256("\0".join(os.path.abspath(p) for p in paths).encode("utf-8", "surrogateescape"))
+    name = f"fastvl-index-{digest.hexdigest()[:20]}.idx"
+    if setting:
+        return [Path(setting) / name]
+    return [Path(paths[0]).resolve().parent / f".{name}", user_cache_dir() / name]
+
+
+def write_index_file(path: Path, index: ShardIndex, stamps: list[list]) -> None:
+    """Save ``index`` (valid for shards with these ``stamps``) atomically: a temporary file renamed
+    into place, so a reader sees the old file, the new one or none."""
+    arrays = {"records": index.records, "key_ends": index.key_ends, "key_bytes": index.key_bytes,
+              "shard_starts": index.shard_starts}
+    layout, offset = {}, 0
+    for name, array in arrays.items():
+        layout[name] = {"dtype": "record" if array.dtype == RECORD else array.dtype.str, "count": len(array),
+                        "offset": offset}
+        offset += -(-array.nbytes // _ALIGN) * _ALIGN
+    header = json.dumps({"version": INDEX_VERSION, "shards": stamps, "paths": index.paths,
+                         "skipped": dict(index.skipped), "arrays": layout}).encode("utf-8", "surrogateescape")
+    data_start = -(-(16 + len(header)) // _ALIGN) * _ALIGN
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as out:
+            out.write(_MAGIC + len(header).to_bytes(8, "little") + header)
+            for name, array in arrays.items():
+                out.seek(data_start + layout[name]["offset"])
+                out.write(np.ascontiguousarray(array).tobytes())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def read_index_file(path: Path, stamps: list[list]) -> Optional[ShardIndex]:
+    """The index saved in ``path``, its arrays memory-mapped (pages are shared by every process that
+    maps the file), or None when the file is missing, damaged, of another ``INDEX_VERSION``, or was
+    made for shards whose paths, sizes or mtimes differ from ``stamps``."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+            if len(head) < 16 or head[:8] != _MAGIC:
+                return None
+            header = json.loads(handle.read(int.from_bytes(head[8:], "little")).decode("utf-8", "surrogateescape"))
+        if header.get("version") != INDEX_VERSION or header.get("shards") != stamps:
+            return None
+        data_start = -(-(16 + int.from_bytes(head[8:], "little")) // _ALIGN) * _ALIGN
+        arrays = {}
+        for name, spec in header["arrays"].items():
+            dtype = RECORD if spec["dtype"] == "record" else np.dtype(spec["dtype"])
+            if spec["count"] == 0:
+                arrays[name] = np.empty(0, dtype)
+            else:
+                arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + spec["offset"],
+                                         shape=(spec["count"],))
+        return ShardIndex(header["paths"], arrays["records"], arrays["key_ends"], arrays["key_bytes"],
+                          arrays["shard_starts"], Counter(header["skipped"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _read_cached(files: list[Path], stamps: list[list]) -> Optional[ShardIndex]:
+    return next((index for index in map(lambda f: read_index_file(f, stamps), files) if index is not None), None)
+
+
+def _write_cached(files: list[Path], index: ShardIndex, stamps: list[list]) -> None:
+    """Cache ``index`` in the first of ``files`` that can be written, unless a shard is too fresh."""
+    if not stamps or time.time() - max(mtime for _, _, mtime in stamps) / 1e9 < SETTLE_SECONDS:
+        return
+    for path in files:
+        try:
+            write_index_file(path, index, stamps)
+            return
+        except OSError:
+            continue
+    log.warning("could not write the shard index cache to %s; the next start scans the shards again",
+                " or ".join(map(str, files)))
+
+
+def load_index(paths: Sequence[Path], cache: str = "") -> ShardIndex:
+    """The index of ``paths``: read from the cache (``index_cache_files(paths, cache)``) when one
+    matches the shards, else scanned and cached. In a multi-process run rank 0 reads or builds it
+    while the other ranks wait at a barrier; then they read the file it wrote (or scan for themselves
+    when it could not write one, e.g. a cache folder that is not shared)."""
+    paths = [os.fspath(p) for p in paths]
+    stamps = shard_stamps(paths)  # before scanning: a shard changed meanwhile makes this cache stale
+    files = index_cache_files(paths, cache)
+    rank, world = rank_and_world()
+    if world > 1 and rank != 0:
+        barrier()
+        return _read_cached(files, stamps) or index_shards(paths)
+    try:
+        index = _read_cached(files, stamps)
+        if index is None:
+            index = index_shards(paths)
+            _write_cached(files, index, stamps)
+        return index
+    finally:
+        if world > 1:
+            barrier()  # also when indexing failed: the other ranks then fail the same way
 
 
 _OPEN_SHARDS: "OrderedDict[tuple[int, str], int]" = OrderedDict()
@@ -363,12 +609,13 @@ class ShardWriter:
 class ShardSource:
     """Random access to the samples of webdataset shards: ``read(i)`` -> ``RawSample``.
 
-    ``groups`` are the shards' sample ranges, so a sampler can keep reads shard-local."""
+    ``groups`` are the shards' sample ranges, so a sampler can keep reads shard-local. ``index_cache``
+    is ``data.index_cache`` (see ``index_cache_files``)."""
 
-    def __init__(self, spec: PathSpec):
+    def __init__(self, spec: PathSpec, index_cache: str = ""):
         self.description = spec if isinstance(spec, (str, os.PathLike)) else ", ".join(map(os.fspath, spec))
-        self.index = index_shards(resolve_shard_paths(spec))
-        starts = self.index.shard_starts + [len(self.index)]
+        self.index = load_index(resolve_shard_paths(spec), index_cache)
+        starts = self.index.shard_starts.tolist() + [len(self.index)]
         self.groups = [(a, b) for a, b in zip(starts[:-1], starts[1:]) if b > a]
         self.skipped = Counter(self.index.skipped)
 
@@ -385,10 +632,11 @@ class ShardSource:
         ``repaired=("non_utf8_caption",)``. Raises OSError / ValueError on unreadable bytes; the
         caller decides what to skip."""
         index = self.index
-        path = index.paths[index.shard[i]]
-        caption, repaired = decode_caption(read_range(path, index.caption[i]))
-        image = read_range(path, index.image[i])
+        path = index.paths[index.shard_of(i)]
+        caption, repaired = decode_caption(read_range(path, index.caption(i)))
+        image = read_range(path, index.image(i))
         meta = None
-        if with_meta and index.meta[i] is not None:
-            meta = json.loads(read_range(path, index.meta[i]))
-        return RawSample(index.keys[i], image, caption, meta, repaired)
+        location = index.meta(i) if with_meta else None
+        if location is not None:
+            meta = json.loads(read_range(path, location))
+        return RawSample(index.key(i), image, caption, meta, repaired)

@@ -76,10 +76,11 @@ def is_annotation_file(spec: PathSpec) -> bool:
     return isinstance(spec, (str, os.PathLike)) and os.fspath(spec).endswith(ANNOTATION_SUFFIXES)
 
 
-def open_source(spec: PathSpec, image_root: str = "", per_caption: bool = False):
+def open_source(spec: PathSpec, image_root: str = "", per_caption: bool = False, index_cache: str = ""):
     """An ``AnnotationSource`` or ``ShardSource`` for ``spec`` with at least one usable sample.
     ``image_root``: folder the annotation file's image paths are relative to (default: the file's own
-    folder); ``per_caption``: one annotation sample per (image, caption) pair."""
+    folder); ``per_caption``: one annotation sample per (image, caption) pair; ``index_cache``: where a
+    shard index is cached (``data.index_cache``)."""
     if is_annotation_file(spec):
         from .jsonl import AnnotationSource
 
@@ -87,7 +88,7 @@ def open_source(spec: PathSpec, image_root: str = "", per_caption: bool = False)
     else:
         from .shards import ShardSource
 
-        source = ShardSource(spec)
+        source = ShardSource(spec, index_cache)
     if len(source) == 0:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(source.skipped.items())) or "no samples"
         raise ConfigError(f"empty dataset: {source.description} ({reasons})")

@@ -7,6 +7,8 @@ Layout of a run directory::
     RUN_DIR/run.json               what was resolved at start-up (precision, optimizer, loss names, ...)
     RUN_DIR/step_<N>/...           DeepSpeed checkpoints (model, optimizer, LR schedule; client state)
     RUN_DIR/latest                 DeepSpeed's pointer to the newest step_<N>
+    RUN_DIR/step_<N>_universal/    step_<N> converted to DeepSpeed's universal format, written when a
+                                   ZeRO 1-2 run resumes on another number of processes
     RUN_DIR/model.safetensors      consolidated fp32 weights, written at the end of training (config and
                                    step in the safetensors metadata)
 
@@ -25,10 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pickle
 import random
 import re
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -38,11 +42,14 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig, config_from_dict
+from ..dist import barrier
 
 CONSOLIDATED = "model.safetensors"
 LEGACY_CONSOLIDATED = "model_fp32.pt"
 """Pickled {"config", "step", "state_dict"} written before the safetensors format; read weights-only."""
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
+
+log = logging.getLogger("fastvl.train")
 
 
 def tag_for(step: int) -> str:
@@ -80,9 +87,8 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,35 +112,147 @@ def save_checkpoint(ds_engine, run_dir: Path, step: int, state: dict, rank_state
     client_state = {**state, "step": step, "ranks": _gather_objects({**rank_state, "rng": rng_state()})}
     tag = tag_for(step)
     ds_engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state)
-    _barrier()
+    barrier()
     if _rank() == 0 and keep_last > 0:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+            shutil.rmtree(old.with_name(f"{old.name}_universal"), ignore_errors=True)
+    barrier()
     return Path(run_dir) / tag
 
 
 def load_latest_checkpoint(ds_engine, run_dir: Path) -> Optional[dict]:
     """Restore model, optimizer and LR schedule from ``run_dir/latest``; return the client state with
-    ``"rank"`` set to this rank's part, or None when there is no checkpoint. This rank's RNG is set."""
-    if not (Path(run_dir) / "latest").is_file():
+    ``"rank"`` set to this rank's part, or None when there is no checkpoint.
+
+    With the world size it was written with, each rank gets its own part back and its RNG is set.
+    With another one (a job restarted on fewer or more processes), each rank gets the data position of
+    the rank with its number (rank 0's when there was none), from which the loader keeps the global
+    sample position (``fastvl.data.loader``); RNG states and the recipe's ``rank_state`` (per-rank
+    pending work, e.g. C-Mask's rollouts of that rank's slice of the batch) start fresh, with a
+    warning. ZeRO 1-3 partition the optimizer state by rank and DeepSpeed cannot repartition it: a
+    ZeRO 1-2 checkpoint is first converted to DeepSpeed's universal format, which any world size
+    loads; ZeRO-3 is refused (``universal_checkpoint``)."""
+    latest = Path(run_dir) / "latest"
+    if not latest.is_file():
         return None
-    path, client_state = ds_engine.load_checkpoint(str(run_dir), load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+    universal = universal_checkpoint(Path(run_dir) / latest.read_text().strip(), _world())
+    with _loading_universal(ds_engine, universal is not None):
+        path, client_state = ds_engine.load_checkpoint(str(run_dir), tag=universal.name if universal else None,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         return None
-    ranks = client_state["ranks"]
-    if len(ranks) != _world():
+    ranks, rank, world = client_state["ranks"], _rank(), _world()
+    if len(ranks) == world:
+        mine = ranks[rank]
+        set_rng_state(mine["rng"])
+        return {**client_state, "rank": mine}
+    dropped = sorted({name for part in ranks for name, value in part.get("recipe", {}).items() if value})
+    if rank == 0:
+        log.warning("resuming %s, written by %d processes, on %d: the data continues from its global sample "
+                    "position; per-rank random states start fresh%s", path, len(ranks), world,
+                    f"; per-rank recipe state is dropped ({', '.join(dropped)})" if dropped else "")
+    return {**client_state, "rank": {"data": ranks[min(rank, len(ranks) - 1)]["data"]}}
+
+
+def warn_on_new_global_batch(resumed: dict, global_batch: int, total_steps: int) -> None:
+    """Say what changes when a run resumes with another global batch (processes x data.batch_size x
+    train.grad_accum) than the checkpoint's: the data continues from its sample position and the
+    step count (LR schedule, recipe schedules, train.steps) from its step, so the steps left read a
+    different number of samples each."""
+    saved = resumed.get("config", {})
+    old = saved.get("data", {}).get("batch_size", 0) * saved.get("train", {}).get("grad_accum", 0) * len(resumed["ranks"])
+    if not old or old == global_batch:
+        return
+    step, left = resumed["step"], max(total_steps - resumed["step"], 0)
+    warnings.warn(f"resuming step {step} with a global batch of {global_batch} samples instead of {old}: the data "
+                  f"continues after sample {resumed['samples_seen']} and the step count (LR schedule, train.steps="
+                  f"{total_steps}) from step {step}, so the {left} steps left read {left * global_batch} samples "
+                  f"instead of {left * old}; keep processes x data.batch_size x train.grad_accum at {old} to "
+                  f"continue the same run")
+
+
+def checkpoint_world_size(step_dir: Path) -> Optional[int]:
+    """Processes that wrote the partitioned (ZeRO 1-3) optimizer state of a checkpoint folder, one
+    ``*zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` file each; None when it has no such files
+    (ZeRO-0: every rank holds the whole optimizer state, so any world size can load it)."""
+    return len(list(Path(step_dir).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
+
+
+def universal_checkpoint(step_dir: Path, world: int) -> Optional[Path]:
+    """The universal-format copy of ``step_dir`` (``<step_dir>_universal``, next to it) when it holds
+    ZeRO 1-2 optimizer state partitioned over another number of processes than ``world``; None when
+    DeepSpeed can load ``step_dir`` itself; ZeRO-3 is refused. Rank 0 converts it once with DeepSpeed's
+    ``ds_to_universal`` (the whole model and optimizer state pass through its memory); the other ranks
+    wait, and a later resume reuses the copy."""
+    saved = checkpoint_world_size(step_dir)
+    if saved is None or saved == world:
+        return None
+    if any(step_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):  # ZeRO-3 writes one per rank
         raise ConfigError(
-            f"checkpoint {path} was written by {len(ranks)} processes; resuming with {_world()} would not "
-            f"continue the same data order — resume with the same world size or use a new train.output_dir")
-    mine = ranks[_rank()]
-    set_rng_state(mine["rng"])
-    return {**client_state, "rank": mine}
+            f"{step_dir} is a train.zero_stage=3 checkpoint of {saved} processes and this run has {world}: DeepSpeed "
+            f"0.19's universal-checkpoint load of ZeRO-3 does not continue the same run (the Adam state it restores "
+            f"gives losses that drift from a straight run within 2 steps). Resume with {saved} processes, or start a "
+            f"new train.output_dir from its weights (stages 0-2 resume on any number of processes)")
+    universal = step_dir.with_name(f"{step_dir.name}_universal")
+    failure = None
+    if _rank() == 0 and not universal.is_dir():
+        log.warning("%s holds ZeRO optimizer state partitioned over %d processes and this run has %d: converting "
+                    "it to DeepSpeed's universal format in %s", step_dir, saved, world, universal)
+        try:
+            _convert_to_universal(step_dir, universal)
+        except Exception as error:  # every rank must stop, not wait for a conversion that never ends
+            failure = f"{type(error).__name__}: {error}"
+    failure = _from_rank_zero(failure)
+    if failure is not None:
+        raise ConfigError(
+            f"{step_dir} holds ZeRO optimizer state partitioned over {saved} processes and this run has {world}; "
+            f"converting it to a universal checkpoint failed ({failure}). Resume with {saved} processes, or start a "
+            f"new train.output_dir from its weights (train.zero_stage=0 checkpoints resume on any number of processes)")
+    return universal
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+def _convert_to_universal(step_dir: Path, universal: Path) -> None:
+    """``python -m deepspeed.checkpoint.ds_to_universal`` in this process, written to a scratch folder
+    renamed at the end, so an interrupted conversion is never taken for a finished one. fastvl's
+    modules carry no universal-checkpoint metadata (that describes tensor-parallel slicing), hence
+    ``inject_missing_state``; one worker, because the machine's cores are the training's."""
+    from argparse import Namespace
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    scratch = universal.with_name(universal.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    with redirect_stdout(StringIO()) as printed:
+        ds_to_universal.main(Namespace(input_folder=str(step_dir), output_folder=str(scratch), num_extract_workers=1,
+                                       num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                       inject_missing_state=True))
+    log.debug("ds_to_universal: %s", printed.getvalue())
+    scratch.rename(universal)
+    (universal.parent / "latest_universal").write_text(universal.name)  # ds_to_universal named the scratch one
+
+
+def _from_rank_zero(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def _loading_universal(ds_engine, universal: bool):
+    """DeepSpeed loads a universal checkpoint (per-parameter fp32 weights and optimizer moments, split
+    on load for this world size) when its config's ``checkpoint.load_universal`` is set; set it for
+    this one load only, so later saves and loads stay DeepSpeed's ordinary ones."""
+    before = ds_engine._config.load_universal_checkpoint
+    ds_engine._config.load_universal_checkpoint = before or universal
+    try:
+        yield
+    finally:
+        ds_engine._config.load_universal_checkpoint = before
 
 
 def save_consolidated(engine, run_dir: Path, step: int, config: dict) -> Optional[Path]:
@@ -148,9 +266,10 @@ def save_consolidated(engine, run_dir: Path, step: int, config: dict) -> Optiona
         if full_module:
             state_dict = engine.recipe.state_dict()
         else:
-            state_dict = fp32_state_dict_from_checkpoint(Path(run_dir) / tag_for(step), engine.recipe)
+            state_dict = fp32_state_dict_from_checkpoint(Path(run_dir) / tag_for(step), engine.recipe,
+                                                         tuple(config["train"].get("param_groups", ())))
         write_weights(path, state_dict, config, step, layer_norm_eps=json.dumps(layer_norm_eps(engine.recipe)))
-    _barrier()
+    barrier()
     return path
 
 
@@ -255,13 +374,15 @@ def _model_states_file(step_dir: Path) -> Path:
     raise ConfigError(f"{step_dir} is not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt)")
 
 
-def fp32_state_dict_from_checkpoint(step_dir: Path, recipe: Optional[torch.nn.Module] = None) -> dict:
+def fp32_state_dict_from_checkpoint(step_dir: Path, recipe: Optional[torch.nn.Module] = None,
+                                    param_groups: tuple[dict, ...] = ()) -> dict:
     """fp32 weights of a DeepSpeed checkpoint folder, without an engine or a process group.
 
     - ZeRO 0-2 in fp32: the full module is in the model-states file.
     - ZeRO 0 in bf16/fp16: the module there is low precision; the fp32 master copies are the
       optimizer's ``fp32_groups`` (one list per parameter group, in group order), matched to names
-      through ``engine.parameter_groups(recipe)`` — the grouping the trainer used.
+      through ``engine.parameter_groups(recipe, ..., param_groups)`` — the grouping the trainer used
+      (``param_groups``: the run's ``train.param_groups``).
     - ZeRO 1-3 otherwise: DeepSpeed's zero_to_fp32 assembles the fp32 partitions."""
     step_dir = Path(step_dir)
     states = safe_torch_load(_model_states_file(step_dir))
@@ -280,7 +401,7 @@ def fp32_state_dict_from_checkpoint(step_dir: Path, recipe: Optional[torch.nn.Mo
         from .engine import parameter_groups
 
         names = {id(p): n for n, p in recipe.named_parameters()}
-        for group, fp32 in zip(parameter_groups(recipe, weight_decay=1.0), masters):
+        for group, fp32 in zip(parameter_groups(recipe, 1.0, param_groups), masters):
             if isinstance(fp32, torch.Tensor):
                 fp32 = fp32.split([p.numel() for p in group["params"]])
             for param, master in zip(group["params"], fp32):
@@ -378,7 +499,8 @@ def load_recipe(path: str, cfg: Optional[RunConfig] = None, device: torch.device
     cfg = cfg if cfg is not None else config_from_dict(config)
     eps = (saved or {}).get("layer_norm_eps")
     recipe = build_method(without_pretrained_inits(cfg) if eps else cfg)
-    state_dict = saved["state_dict"] if saved is not None else fp32_state_dict_from_checkpoint(where, recipe)
+    state_dict = (saved["state_dict"] if saved is not None
+                  else fp32_state_dict_from_checkpoint(where, recipe, cfg.train.param_groups))
     try:  # a module's serialized extra state (C-Mask's agent) is read weights-only too
         missing, unexpected = recipe.load_state_dict(state_dict, strict=False)
     except pickle.UnpicklingError as error:

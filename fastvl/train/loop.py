@@ -30,7 +30,7 @@ from ..config import ConfigError, RunConfig
 from ..data.batch import Batch
 from . import checkpoint as ckpt
 from .engine import Engine, build_engine, device_for, init_distributed, resolve_precision
-from .metrics import MetricsWriter, MetricWindow, format_postfix, peak_memory
+from .metrics import MetricsWriter, MetricWindow, format_postfix, peak_memory, sum_over_ranks
 
 LoaderFactory = Callable[[RunConfig, str, int, int, int], Iterable[Batch]]
 """``(cfg, split, rank, world_size, epoch) -> iterable of Batch`` with ``state_dict()`` /
@@ -81,6 +81,11 @@ class DataStream:
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
+    def log_metrics(self) -> dict[str, float]:
+        """The loader's scalars for the metrics log (per-source sample counts of a mixture), if any,
+        summed over ranks (a collective, like ``MetricWindow.reduce``)."""
+        return sum_over_ranks(getattr(self.loader, "log_metrics", dict)())
+
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
         self.iterator = None  # a new iterator starts at the restored position
@@ -98,13 +103,21 @@ class TrainResult:
     last_row: Optional[dict]
 
 
-def check_data_path(path: str, key: str) -> None:
-    """Stop at start-up when a data path names nothing (a folder, a file or a glob of shards)."""
-    if any(c in path for c in "*?["):
-        if not glob.glob(path):
-            raise ConfigError(f"{key}: no files match {path}")
-    elif not Path(path).exists():
-        raise ConfigError(f"{key}: path not found: {path}")
+def check_data_path(spec, key: str) -> None:
+    """Stop at start-up when a local data path names nothing (a folder, a file or a glob of shards);
+    ``spec`` may be a mixture. URLs, ``pipe:`` commands and brace patterns are checked by the loader."""
+    from ..data.mixture import train_sources
+    from ..data.streaming import is_remote
+
+    for source in train_sources(spec, key):
+        for path in [source.path] if isinstance(source.path, str) else source.path:
+            if is_remote(path) or "{" in path:
+                continue
+            if any(c in path for c in "*?["):
+                if not glob.glob(path):
+                    raise ConfigError(f"{key}: no files match {path}")
+            elif not Path(path).exists():
+                raise ConfigError(f"{key}: path not found: {path}")
 
 
 def seed_everything(seed: int) -> None:
@@ -161,6 +174,8 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
         # the recipe's own step counter came back with its state_dict
 
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * world
+    if resumed is not None and is_main:
+        ckpt.warn_on_new_global_batch(resumed, global_batch, cfg.train.steps)
     loss_names = ["loss"] + sorted(getattr(recipe, "loss_weights", {}))
     config_dict = cfg.to_dict()
     if is_main:
@@ -201,7 +216,7 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
         window.add_step(time.perf_counter() - started, global_batch)
 
         if step % cfg.train.log_every == 0 or step == total:
-            last_row = _log_row(window, step, stream.epoch, samples_seen, lr, engine)
+            last_row = _log_row(window, step, stream.epoch, samples_seen, lr, engine, stream.log_metrics())
             writer.write(last_row)
             if bar is not None:
                 bar.set_postfix(format_postfix(last_row, loss_names, last_row["samples_per_s"]), refresh=False)
@@ -213,7 +228,7 @@ def train(cfg: RunConfig, *, build_recipe: Callable[[RunConfig], torch.nn.Module
     if bar is not None:
         bar.close()
     if window.steps:  # steps since the last row (the data ran out mid-window)
-        last_row = _log_row(window, step, stream.epoch, samples_seen, engine.lr(), engine)
+        last_row = _log_row(window, step, stream.epoch, samples_seen, engine.lr(), engine, stream.log_metrics())
         writer.write(last_row)
     writer.close()
 
@@ -243,10 +258,12 @@ def to_engine(batch: Batch, engine: Engine) -> Batch:
     return batch
 
 
-def _log_row(window: MetricWindow, step: int, epoch: int, samples_seen: int, lr: float, engine: Engine) -> dict:
+def _log_row(window: MetricWindow, step: int, epoch: int, samples_seen: int, lr: float, engine: Engine,
+             data: dict[str, float]) -> dict:
+    """``data``: the loader's own scalars, summed over ranks (per-source sample counts of a mixture)."""
     memory, kind = peak_memory()
     row = {"step": step, "epoch": epoch, "samples_seen": samples_seen, "lr": lr, **window.reduce(),
-           **window.throughput(), "peak_mem_mb": memory, "peak_mem_kind": kind}
+           **window.throughput(), "peak_mem_mb": memory, "peak_mem_kind": kind, **data}
     scale = current_loss_scale(engine.ds.optimizer) if engine.precision == "fp16" else None
     if scale is not None:
         row["loss_scale"] = float(scale)

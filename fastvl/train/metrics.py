@@ -69,6 +69,17 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """``values`` summed over ranks (a collective when several processes run: every rank calls it at the
+    same step, with the same names)."""
+    names = sorted(values)
+    if not names or not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    total = torch.tensor([values[n] for n in names], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(total)
+    return dict(zip(names, total.cpu().tolist()))
+
+
 def peak_memory() -> tuple[float, str]:
     """(MiB, kind): the CUDA caching allocator's peak, or on CPU the process's peak RSS."""
     if torch.cuda.is_available():
