@@ -13,8 +13,11 @@ from the seeded per-sample generator exactly as the Pillow path does, and hands 
 per sample. The graph is one line per step::
 
     decoders.image_slice (ROI decode: only the crop is decoded, "mixed" = nvJPEG when CUDA is
-    present, CPU libjpeg-turbo / nvImageCodec otherwise) -> resize (antialiased linear, to S x S)
-    -> crop_mirror_normalize (mirror per sample, (x - 255 mean) / (255 std), HWC -> CHW float32)
+    present, CPU libjpeg-turbo / nvImageCodec otherwise) -> resize (antialiased linear, to S x S,
+    uint8) -> crop_mirror_normalize (mirror per sample, HWC -> CHW, still uint8)
+
+and the loader finishes the uint8 batch with ``transforms.finish_batch``: each sample's RandAugment
+ops (drawn with its crop and flip), then normalisation — the same torch code as the Pillow path.
 
 The sample index comes back out of the pipeline next to the images and is checked against what was
 fed, so captions (tokenized by the loader, outside the pipeline) are paired with their images by
@@ -38,8 +41,6 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
-
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("fastvl.data")
 
@@ -120,8 +121,8 @@ def build_pipeline(source, *, batch_size: int, image_size: int, num_threads: int
                    device_id: Optional[int] = None, jpeg_fancy_upsampling: bool = True, seed: int = 0,
                    prefetch_queue_depth: int = 2):
     """The DALI pipeline of the module docstring around ``source`` (a batch callback returning the
-    five per-sample lists). Outputs: images float32 ``[B, 3, S, S]`` (on GPU when ``device_id`` is
-    set) and the sample indices int64 ``[B]``.
+    five per-sample lists). Outputs: images uint8 ``[B, 3, S, S]``, cropped, resized and mirrored (on
+    GPU when ``device_id`` is set), and the sample indices int64 ``[B]``.
 
     ``jpeg_fancy_upsampling`` makes nvJPEG (the ``mixed`` decoder) upsample chroma like
     libjpeg-turbo, i.e. like Pillow and DALI's own CPU decoder; see bench/bench_data.py for the
@@ -140,9 +141,7 @@ def build_pipeline(source, *, batch_size: int, image_size: int, num_threads: int
             jpeg_fancy_upsampling=jpeg_fancy_upsampling)
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, antialias=True,
                            interp_type=types.INTERP_LINEAR)
-        images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                                          mean=[255.0 * m for m in IMAGENET_MEAN],
-                                          std=[255.0 * s for s in IMAGENET_STD])
+        images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.UINT8, output_layout="CHW")
         pipe.set_outputs(images, index)
     pipe.build()
     return pipe
@@ -173,10 +172,10 @@ def _to_torch(tensor_list, device_id: Optional[int]) -> torch.Tensor:
 
     dense = tensor_list.as_tensor()
     if device_id is None:
-        out = torch.empty(dense.shape(), dtype=torch.float32)
+        out = torch.empty(dense.shape(), dtype=torch.uint8)
         feed_ndarray(dense, out)
     else:
-        out = torch.empty(dense.shape(), dtype=torch.float32, device=f"cuda:{device_id}")
+        out = torch.empty(dense.shape(), dtype=torch.uint8, device=f"cuda:{device_id}")
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device_id))
     return out
 
@@ -184,7 +183,7 @@ def _to_torch(tensor_list, device_id: Optional[int]) -> torch.Tensor:
 class DaliStream:
     """Run ``steps`` through DALI in order; iterate ``(step, images)`` pairs.
 
-    ``images`` is the float32 ``[len(step.samples), 3, S, S]`` batch, None for a step without
+    ``images`` is the uint8 ``[len(step.samples), 3, S, S]`` batch, None for a step without
     samples, or ``FAILED`` when DALI raised on the batch (or a batch in flight with it): the caller
     decodes those steps itself. A failing batch rebuilds the pipeline (DALI marks a pipeline that
     raised as invalid) and the stream continues with the next step."""
