@@ -18,5 +18,5 @@ def spawn_two_ranks(worker, n_results: int) -> list:
     results = [out.get(timeout=120) for _ in range(n_results)]
     for p in procs:
         p.join(timeout=60)
-        assert p.exitcode == 0
+        assert p.exitcode == 0, f"a rank exited with code {p.exitcode}"
     return results

@@ -21,7 +21,11 @@ Pieces (each usable on its own, tested in tests/methods/test_cmask.py):
   autograd is untouched.
 - ``episode_return``: layerwise normalisation + average over layers -> R [B, T];
   G = sum_{prediction rows} R + mean_{caption rows} R (eq. in section 3.3).
-- ``CurriculumMasking``: the policy. ``select`` samples an action with ``fastvl_kernels.sample_spans``,
+- ``CurriculumMasking``: the policy. A recipe that drives it (cmask) hands it each batch once:
+  ``episode(features, attention_mask, play, ...)`` samples the mask, calls the recipe back to run its
+  main model on it (``play`` -> ``Played``: the reward observer, the rows of G, the recipe's outputs),
+  and answers with the choice, that pass and every metric (``Episode``). Underneath, ``select`` samples
+  an action with ``fastvl_kernels.sample_spans`` (or one agent pass per span, ``agent_passes``),
   ``finish`` attaches the return, ``learn`` runs PPO. It is an ``nn.Module`` *without* registered
   parameters: the agent (fp32 weights, its own Adam; it computes under autocast in ``agent_precision``,
   half precision on CUDA by default) is held outside the module tree so that DeepSpeed neither
@@ -69,7 +73,7 @@ from ..config import ConfigError, RunConfig
 from ..dist import rank_and_world
 from ..models.attention import merge_heads, split_heads
 from ..models.bert import BertLayer
-from ..models.init import init_weights
+from ..models.init import INIT_STD, init_weights
 from ..precision import auto_precision
 from .text import IGNORE_INDEX, TextMask
 
@@ -80,6 +84,7 @@ LAYER_NORMS = ("running", "batch", "none")
 AGENT_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AGENT_IMAGE_ROWS = ("fixed", "updated")
 AGENT_IMAGE_INPUTS = ("norm", "linear")
+AGENT_PASSES = ("once", "per_span")
 
 
 @dataclass
@@ -111,6 +116,12 @@ class CurriculumOptions:
     40-token captions, 19% with the built-in ones). "norm" needs the features as wide as the agent
     (every shipped config); otherwise the input is a Linear. The caption always enters through a Linear:
     its rows are few."""
+    agent_passes: str = "once"
+    """"once": one agent pass per batch; ``sample_spans`` draws every span from its p and s, each draw
+    excluding what is masked. "per_span" (the paper's sec. 3.2): after each span the caption rows of
+    the masked positions are tagged (a learned vector added at the agent's input, standing for the
+    paper's <m> </m> tags) and the agent runs again; the order comes from the pass after the last span.
+    Costs one agent pass per span (and one more with learned order), at sampling and in PPO."""
     shared_layers: Optional[int] = None
     """Backbone layers shared with the agent; None = half of them (paper: 6 of 12)."""
     agent_lr: float = 1e-4
@@ -149,6 +160,7 @@ class CurriculumOptions:
         check(self.agent_layers >= 0, "agent_layers must be >= 0")
         check(self.agent_image_rows in AGENT_IMAGE_ROWS, f"agent_image_rows must be one of {AGENT_IMAGE_ROWS}")
         check(self.agent_image_input in AGENT_IMAGE_INPUTS, f"agent_image_input must be one of {AGENT_IMAGE_INPUTS}")
+        check(self.agent_passes in AGENT_PASSES, f"agent_passes must be one of {AGENT_PASSES}")
         check(self.shared_layers is None or self.shared_layers >= 0, "shared_layers must be >= 0")
         check(self.agent_lr > 0, "agent_lr must be positive")
         check(self.ppo_clip > 0, "ppo_clip must be positive")
@@ -197,7 +209,7 @@ class MaskingAgent(nn.Module):
     layer stack (tested)."""
 
     def __init__(self, image_width: int, text_width: int, width: int, heads: int, intermediate: int, layers: int,
-                 image_rows: str = "fixed", image_input: str = "norm"):
+                 image_rows: str = "fixed", image_input: str = "norm", tags: bool = False):
         super().__init__()
         # "norm" needs equal widths (see ``CurriculumOptions.agent_image_input``)
         norm = image_input == "norm" and image_width == width
@@ -214,14 +226,19 @@ class MaskingAgent(nn.Module):
         # the rows is a host sync on CUDA, where padded rows cost little beside the main model)
         self.pack_rows: Optional[bool] = None
         self.apply(init_weights)
+        # per-span passes: added to the caption rows already masked (the paper's <m> </m> tags)
+        self.tag = nn.Parameter(torch.randn(width) * INIT_STD) if tags else None
 
     def forward(self, image_feats: torch.Tensor, text_feats: torch.Tensor, text_padding: torch.Tensor,
-                masked: torch.Tensor) -> AgentOutput:
-        """``masked`` [B]: the tokens the action will mask (the quota's count), V's multiplier."""
+                masked: torch.Tensor, tagged: Optional[torch.Tensor] = None) -> AgentOutput:
+        """``masked`` [B]: the tokens the action will mask (the quota's count), V's multiplier;
+        ``tagged`` [B, L] bool: caption positions already masked (per-span passes only)."""
         b, n_img, length = image_feats.shape[0], image_feats.shape[1], text_feats.shape[1]
         width = self.text_in.out_features
         real = text_padding.bool()
         text = self.text_in(text_feats.float()) + self.modality[1]
+        if tagged is not None:
+            text = text + tagged.unsqueeze(-1).to(text.dtype) * self.tag
         pack = self.pack_rows if self.pack_rows is not None else not text.is_cuda
         rows = real.flatten().nonzero().squeeze(1) if pack else torch.arange(real.numel(), device=real.device)
         if not len(self.layers):
@@ -405,6 +422,25 @@ class MaskChoice:
     entropy: Optional[torch.Tensor] = None  # [B] the action's entropy estimate
 
 
+@dataclass
+class Played:
+    """What a recipe's main model gives back for one mask (the ``play`` of ``CurriculumMasking.episode``)."""
+
+    meter: Optional[RewardMeter]  # the reward observer of its pass; None when not asked to measure
+    predict_rows: torch.Tensor  # [B, T] the rows that predict the masked tokens (G's sum)
+    caption_rows: torch.Tensor  # [B, T] the caption's real rows (G's mean)
+    output: object = None  # the recipe's own results of that pass (e.g. what its loss needs)
+
+
+@dataclass
+class Episode:
+    """``CurriculumMasking.episode``'s one answer for a batch."""
+
+    choice: MaskChoice
+    played: Played  # of the policy's mask
+    metrics: dict  # every per-step metric of the policy (see ``episode``)
+
+
 class CurriculumMasking(nn.Module):
     """The curriculum policy (see the module docstring). ``width``/``heads``/``intermediate`` size the
     agent's own layers; ``image_width``/``text_width`` are the widths of the shared features."""
@@ -415,7 +451,8 @@ class CurriculumMasking(nn.Module):
         self.options = options
         self.seed = seed
         agent = MaskingAgent(image_width, text_width, width, heads, intermediate, options.agent_layers,
-                             options.agent_image_rows, options.agent_image_input)
+                             options.agent_image_rows, options.agent_image_input,
+                             tags=options.agent_passes == "per_span")
         # held outside the module tree: fp32, own optimizer, invisible to DeepSpeed (see module docstring)
         object.__setattr__(self, "agent", agent)
         # fused: one kernel for all parameters, not one per tensor
@@ -445,13 +482,15 @@ class CurriculumMasking(nn.Module):
 
     # -- acting ---------------------------------------------------------------------------------
 
-    def run_agent(self, image_feats: torch.Tensor, text_feats: torch.Tensor, padding: torch.Tensor) -> AgentOutput:
-        """The agent's forward in its compute dtype (``agent_precision``, autocast over fp32 weights)."""
+    def run_agent(self, image_feats: torch.Tensor, text_feats: torch.Tensor, padding: torch.Tensor,
+                  tagged: Optional[torch.Tensor] = None) -> AgentOutput:
+        """The agent's forward in its compute dtype (``agent_precision``, autocast over fp32 weights);
+        ``tagged`` [B, L]: the positions a per-span pass sees as masked."""
         device = next(self.agent.parameters()).device
         dtype = agent_compute_dtype(self.options.agent_precision, device)
         masked = quota_counts(self.action_space(padding), self.options.quota, padding.shape[1] - 1)
         with contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype):
-            return self.agent(image_feats, text_feats, padding, masked)
+            return self.agent(image_feats, text_feats, padding, masked, tagged)
 
     def action_space(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Words per caption: columns 1 .. n-2 of ``[CLS] words [SEP]`` (the agent never masks specials)."""
@@ -495,9 +534,13 @@ class CurriculumMasking(nn.Module):
             else:
                 self.join()
                 image_feats, text_feats = image_feats.detach().float(), text_feats.detach().float()
-                p, s, q = self.distributions(self.run_agent(image_feats, text_feats, padding), lengths)
-            sample = sample_spans(p, s, lengths, o.quota, self.sample_seed(step, 1 if random else 0),
-                                  order_scores=q, order=order)
+            if not random and o.agent_passes == "per_span":
+                sample = self.sample_per_span(image_feats, text_feats, padding, lengths, self.sample_seed(step))
+            else:
+                if not random:
+                    p, s, q = self.distributions(self.run_agent(image_feats, text_feats, padding), lengths)
+                sample = sample_spans(p, s, lengths, o.quota, self.sample_seed(step, 1 if random else 0),
+                                      order_scores=q, order=order)
         b, length = attention_mask.shape
         mask = torch.zeros(b, length, dtype=torch.bool, device=attention_mask.device)
         steps = torch.zeros(b, length, dtype=torch.long, device=attention_mask.device)
@@ -507,6 +550,158 @@ class CurriculumMasking(nn.Module):
         if not random and self.training:
             self.learn()  # with update_delay=1: batch t-1's rollout, with the parameters that just sampled batch t
         return MaskChoice(mask, steps, rollout, sample.entropy)
+
+    # -- a batch in one call --------------------------------------------------------------------
+
+    def episode(self, image_feats: torch.Tensor, text_feats: torch.Tensor, attention_mask: torch.Tensor,
+                play: Callable[[MaskChoice, bool], Played], *, draw: int, log_step: int) -> Episode:
+        """One batch of the curriculum, the recipe's single call: sample the mask (``select``, which
+        then learns from the waiting rollout), have the recipe's main model ``play(choice, measure)`` it,
+        attach its return to the rollout (training), every ``random_reward_every`` logged steps also
+        play a random same-quota mask, and report ``reward``, ``reward_per_token``, ``reward_random``,
+        ``policy_entropy``, ``masked_fraction`` and the PPO statistics. ``draw`` seeds the masks
+        (``sample_seed``); ``log_step`` is the optimizer step the metrics are logged at."""
+        o = self.options
+        choice = self.select(image_feats, text_feats, attention_mask, draw)
+        # the reward is needed to train the agent or to report it; random masking without either skips it
+        measure = o.learns or o.random_reward_every > 0
+        played = play(choice, measure)
+        metrics = {}
+        if measure:
+            reward, returns = self.compute_return(played.meter, played.predict_rows, played.caption_rows,
+                                                  update_scale=self.training)
+            if self.training:
+                self.finish(choice, returns)
+            predict = played.predict_rows
+            metrics["reward"] = returns.mean()
+            metrics["reward_per_token"] = reward[predict].mean() if predict.any() else returns.new_zeros(())
+        if o.random_reward_every and (self.last_random_return is None or log_step % o.random_reward_every == 0):
+            self.last_random_return = self.measure_returns(image_feats, text_feats, attention_mask, play, draw).mean()
+        if self.last_random_return is not None:
+            metrics["reward_random"] = self.last_random_return
+        metrics["policy_entropy"] = choice.entropy.float().mean()
+        metrics["masked_fraction"] = choice.mask.sum() / self.action_space(attention_mask).sum().clamp(min=1)
+        if o.learns:
+            metrics.update(self.agent_metrics())
+        return Episode(choice, played, metrics)
+
+    @torch.no_grad()
+    def measure_returns(self, image_feats, text_feats, attention_mask, play: Callable[[MaskChoice, bool], Played],
+                        draw: int, random: bool = True) -> torch.Tensor:
+        """G [B] of one mask per caption drawn with key ``draw``: a random same-quota mask, or the
+        policy's (``random=False``); nothing is learned and the running reward scale is read, not updated."""
+        choice = self.select(image_feats, text_feats, attention_mask, draw, random=random)
+        played = play(choice, True)
+        _, returns = self.compute_return(played.meter, played.predict_rows, played.caption_rows, False)
+        return returns.float()
+
+    # -- per-span passes (``agent_passes="per_span"``) -------------------------------------------
+
+    def sample_per_span(self, image_feats, text_feats, padding, lengths, seed: int) -> SpanSample:
+        """The paper's loop: pass k of the agent sees spans 1..k-1 tagged and draws span k (a start from
+        p over the free positions, then extensions with s, the law of ``sample_spans``' steps 1-2) until
+        the quota is met; a last pass with every span tagged gives the order scores. The log-prob and
+        entropy are ``per_span_terms`` of these very passes, the ones PPO recomputes."""
+        o = self.options
+        b, n_cols = padding.shape[0], padding.shape[1] - 1
+        counts = quota_counts(lengths, o.quota, n_cols)
+        generator = torch.Generator(device=padding.device).manual_seed(seed % (2 ** 63))
+        cols = torch.arange(n_cols, device=padding.device)
+        valid = cols < lengths[:, None]
+        span_id = torch.zeros(b, n_cols, dtype=torch.long, device=padding.device)
+        rows = torch.arange(b, device=padding.device)
+        starts, conts = [], []
+        while bool(((span_id > 0).sum(1) < counts).any()):
+            k = len(starts) + 1
+            p, s, _ = self.distributions(self.run_agent(image_feats, text_feats, padding, _tags(span_id > 0)), lengths)
+            starts.append(p)
+            conts.append(s)
+            active = (span_id > 0).sum(1) < counts
+            free = valid & (span_id == 0)
+            weights = torch.where(free, _clean(p), 0.0)
+            weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, free.float())  # the kernel's guard
+            weights[~active] = 1.0  # finished rows draw a dummy start, never written
+            start = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+            span_id[rows[active], start[active]] = k
+            cursor, extending = start + 1, active.clone()
+            while bool(extending.any()):
+                at = cursor.clamp(max=n_cols - 1)
+                extending &= (cursor < lengths) & (span_id[rows, at] == 0) & ((span_id > 0).sum(1) < counts)
+                draw = torch.rand(b, generator=generator, device=padding.device)
+                extending &= draw < s[rows, at]
+                span_id[rows[extending], at[extending]] = k
+                cursor = cursor + 1
+        mask = span_id > 0
+        q = None
+        if o.order == "learned":
+            q = self.distributions(self.run_agent(image_feats, text_feats, padding, _tags(mask)), lengths)[2]
+        step = _order_steps(span_id, q, o.order, generator)
+        zero = torch.zeros(b, device=padding.device)
+        sample = SpanSample(mask, span_id, step, zero, zero)
+        log_prob, entropy = self.per_span_terms(starts, conts, q, lengths, sample)
+        return sample._replace(log_prob=log_prob.float(), entropy=entropy.float())
+
+    def per_span_passes(self, image_feats, text_feats, padding, lengths, sample: SpanSample):
+        """(log-prob [B], entropy [B], V [B]) of ``sample`` with every per-span pass rerun, differentiably,
+        in one batched agent call (pass k sees spans 1..k-1 tagged; V from the untagged first pass)."""
+        span_id = sample.span_id
+        passes = int(span_id.amax()) + (self.options.order == "learned")
+        tags = torch.stack([_tags((span_id > 0) & (span_id <= k)) for k in range(max(passes, 1))])  # [K, B, L]
+        k, b = tags.shape[:2]
+        out = self.run_agent(image_feats.repeat(k, 1, 1), text_feats.repeat(k, 1, 1), padding.repeat(k, 1),
+                             tags.flatten(0, 1))
+        out = AgentOutput(*(t.unflatten(0, (k, b)) for t in (out.start_logits, out.cont_logits, out.order_scores,
+                                                               out.value)))
+        dists = [self.distributions(AgentOutput(out.start_logits[i], out.cont_logits[i], out.order_scores[i],
+                                                out.value[i]), lengths) for i in range(k)]
+        q = dists[-1][2] if self.options.order == "learned" else None
+        spans = int(span_id.amax())
+        log_prob, entropy = self.per_span_terms([d[0] for d in dists[:spans]], [d[1] for d in dists[:spans]], q,
+                                                lengths, sample)
+        return log_prob, entropy, out.value[0]
+
+    def per_span_terms(self, starts: list, conts: list, order_scores, lengths, sample: SpanSample):
+        """(log-prob [B], entropy [B]) of ``sample`` when span k was drawn from pass k's p (``starts[k-1]``)
+        and s (``conts[k-1]``), the order from ``order_scores``: span k's start over the positions free
+        before it, the extension decisions of span k with pass k's s (the terms of
+        ``span_action_log_prob``, each from its own pass), plus the order's terms."""
+        o = self.options
+        sid, device = sample.span_id, sample.span_id.device
+        n_cols = sid.shape[1]
+        valid = torch.arange(n_cols, device=device) < lengths[:, None]
+        if not starts:  # empty captions: nothing was drawn
+            zero = torch.zeros(sid.shape[0], device=device)
+            return zero, zero
+        p, s = torch.stack(starts).float(), torch.stack(conts).float().nan_to_num(0.0).clamp(0.0, 1.0)  # [K, B, L]
+        span = torch.arange(1, p.shape[0] + 1, device=device)[:, None, None]  # pass k draws span k
+        free = valid & ((sid == 0) | (sid >= span))  # [K, B, L]
+        weights = torch.where(free, _clean(p), 0.0)
+        uniform = weights.sum(-1, keepdim=True) <= 0
+        weights = torch.where(uniform, free.float(), weights)
+        total = weights.sum(-1)
+        drawn = sid.amax(1) >= span[:, :, 0]  # [K, B]
+        is_start = (sid > 0) & (F.pad(sid, (1, 0))[:, :n_cols] != sid)
+        start_weight = torch.where(is_start & (sid == span), weights, 0.0).sum(-1)
+        safe_total = torch.where(drawn, total, 1.0)
+        log_prob = torch.where(drawn, torch.log(start_weight.clamp_min(1e-38)) - torch.log(safe_total), 0.0).sum(0)
+        entropy = torch.where(drawn, torch.log(safe_total) - (_xlogx(weights)).sum(-1) / safe_total, 0.0).sum(0)
+        # extension decisions, each with the s of the pass that drew its span
+        prev = F.pad(sid, (1, 0))[:, :n_cols]
+        taken = (sid > 0) & (prev == sid)
+        refused = valid & (prev > 0) & (prev != sid) & (prev != sid.amax(1, keepdim=True)) & ((sid == 0) | (sid > prev))
+        drawing = torch.where(taken, sid, prev).clamp(1, p.shape[0]) - 1
+        s_used = s.gather(0, drawing.unsqueeze(0)).squeeze(0)
+        log_prob = log_prob + torch.where(taken, torch.log(s_used.clamp_min(1e-38)), 0.0).sum(1) + \
+            torch.where(refused, torch.log((1 - s_used).clamp_min(1e-38)), 0.0).sum(1)
+        entropy = entropy + torch.where(taken | refused, -(_xlogx(s_used) + _xlogx(1 - s_used)), 0.0).sum(1)
+        if o.order in ("learned", "random"):  # the order's terms: the full log-prob less the spans' ones
+            last_p, last_s = p[-1], s[-1]
+            ordered = span_action_log_prob(last_p, last_s, lengths, o.quota, sample, order_scores=order_scores,
+                                           order=o.order)
+            spans_only = span_action_log_prob(last_p, last_s, lengths, o.quota, sample, order="single")
+            log_prob = log_prob + ordered[0] - spans_only[0]
+            entropy = entropy + ordered[1] - spans_only[1]
+        return log_prob, entropy
 
     def forward(self, batch, step: int) -> TextMask:
         """The plain policy interface (``text_masking(batch, step) -> TextMask``), for recipes that do not
@@ -669,7 +864,13 @@ class CurriculumMasking(nn.Module):
         """Make the current CUDA stream wait for the agent's queued learning, then publish its
         statistics to ``last_metrics``."""
         if self.side_stream is not None:
-            torch.cuda.current_stream(self.side_stream.device).wait_stream(self.side_stream)
+            main = torch.cuda.current_stream(self.side_stream.device)
+            main.wait_stream(self.side_stream)
+            # made on the side stream, read and freed on the main one: keep their memory from being
+            # reused by the side stream's next update before the main stream's reads of them ran
+            for t in self.unpublished_metrics.values():
+                if t.is_cuda:
+                    t.record_stream(main)
         # merged: keeps e.g. the hosted mode's "reward"
         self.last_metrics, self.unpublished_metrics = {**self.last_metrics, **self.unpublished_metrics}, {}
 
@@ -704,15 +905,20 @@ class CurriculumMasking(nn.Module):
         stats = {}
         with torch.enable_grad():
             for _ in range(o.ppo_epochs):
-                out = self.run_agent(r["image_feats"], r["text_feats"], r["text_padding"])
-                p, s, q = self.distributions(out, r["lengths"])
-                log_prob, entropy = span_action_log_prob(p, s, r["lengths"], o.quota, sample, order_scores=q,
-                                                         order=o.order)
-                advantage = returns - out.value.detach()
+                if o.agent_passes == "per_span":
+                    log_prob, entropy, value = self.per_span_passes(r["image_feats"], r["text_feats"],
+                                                                    r["text_padding"], r["lengths"], sample)
+                else:
+                    out = self.run_agent(r["image_feats"], r["text_feats"], r["text_padding"])
+                    p, s, q = self.distributions(out, r["lengths"])
+                    log_prob, entropy = span_action_log_prob(p, s, r["lengths"], o.quota, sample, order_scores=q,
+                                                             order=o.order)
+                    value = out.value
+                advantage = returns - value.detach()
                 ratio = torch.exp(log_prob - sample.log_prob)
                 clipped = ratio.clamp(1 - o.ppo_clip, 1 + o.ppo_clip)
                 policy_loss = -mean(torch.minimum(ratio * advantage, clipped * advantage))
-                value_loss = mean((out.value - returns) ** 2)
+                value_loss = mean((value - returns) ** 2)
                 loss = policy_loss - o.entropy_coef * mean(entropy) + o.value_coef * value_loss
                 optimizer.zero_grad(set_to_none=True)
                 (loss if scaler is None else scaler.scale(loss)).backward()
@@ -737,6 +943,7 @@ class CurriculumMasking(nn.Module):
         return {"agent": {k: _cpu(v) for k, v in self.agent.state_dict().items()},
                 "agent_image_rows": self.agent.image_rows,
                 "agent_image_input": self.agent.image_input,
+                "agent_passes": self.options.agent_passes,
                 "optimizer": self.agent_optimizer.state_dict(),
                 "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
                 **self.rank_state()}
@@ -764,7 +971,8 @@ class CurriculumMasking(nn.Module):
         # the same weights compute a different function (or do not fit) in another mode; checkpoints from
         # before these options have joint layers and a Linear image input
         modes = (("agent_image_rows", "updated", self.agent.image_rows, len(self.agent.layers) > 1),
-                 ("agent_image_input", "linear", self.agent.image_input, True))
+                 ("agent_image_input", "linear", self.agent.image_input, True),
+                 ("agent_passes", "once", self.options.agent_passes, True))
         for option, before, asked, matters in modes:
             saved = state.get(option, before)
             if saved != asked and matters:
@@ -824,6 +1032,41 @@ class CurriculumMasking(nn.Module):
                                           unexpected_keys, error_msgs)
 
 
+def _tags(word_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L-1] word columns -> [B, L] caption columns ([CLS] never tagged)."""
+    return F.pad(word_mask, (1, 0))
+
+
+def _clean(p: torch.Tensor) -> torch.Tensor:
+    """Start weights as ``sample_spans`` reads them: finite and > 0, else 0."""
+    return torch.where(torch.isfinite(p) & (p > 0), p, 0.0)
+
+
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.log(x.clamp_min(1e-38))
+
+
+def _order_steps(span_id: torch.Tensor, order_scores: Optional[torch.Tensor], order: str,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Factorization steps [B, L] of the spans in ``span_id`` (``sample_spans``' step 4): Plackett-Luce
+    over the start scores ("learned") or a uniform permutation ("random") drawn as the descending sort of
+    score + Gumbel noise (the same law as stagewise draws), by start position ("left_to_right"), or 1."""
+    mask = span_id > 0
+    is_start = mask & (F.pad(span_id, (1, 0))[:, :span_id.shape[1]] != span_id)
+    if order == "single":
+        return mask.long()
+    if order == "left_to_right":
+        return torch.where(mask, is_start.long().cumsum(1), 0)
+    score = order_scores.float() if order == "learned" else torch.zeros(span_id.shape, device=span_id.device)
+    uniform = torch.rand(span_id.shape, generator=generator, device=span_id.device).clamp(1e-20, 1 - 1e-7)
+    key = torch.where(is_start, score - torch.log(-torch.log(uniform)), float("-inf"))
+    rank = key.argsort(1, descending=True).argsort(1) + 1  # starts first, by key
+    step_of_span = torch.zeros(span_id.shape[0], span_id.shape[1] + 1, dtype=torch.long, device=span_id.device)
+    step_of_span.scatter_(1, torch.where(is_start, span_id, 0), torch.where(is_start, rank, 0))
+    step_of_span[:, 0] = 0
+    return step_of_span.gather(1, span_id)
+
+
 def _cpu(value):
     return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
@@ -880,6 +1123,6 @@ def build_curriculum(cfg: RunConfig, recipe, options: Optional[CurriculumOptions
     return policy
 
 
-__all__ = ["AGENT_METRICS", "AgentOutput", "CurriculumMasking", "CurriculumOptions", "IGNORE_INDEX", "MaskChoice",
-           "MaskingAgent", "RewardMeter", "Rollout", "agent_compute_dtype", "build_curriculum", "episode_return",
+__all__ = ["AGENT_METRICS", "AgentOutput", "CurriculumMasking", "CurriculumOptions", "Episode", "IGNORE_INDEX",
+           "MaskChoice", "MaskingAgent", "Played", "RewardMeter", "Rollout", "agent_compute_dtype", "build_curriculum", "episode_return",
            "layer_means"]

@@ -17,10 +17,13 @@ configs/base_albef.json, as in ALBEF's pretraining, and off when not given):
   scaler skipped leaves it where it was).
 - **ITC with queues**: keys are the momentum features of the global batch followed by two queues
   (``queue_size`` = 65,536 momentum image / text features of earlier batches, initialised, as in ALBEF,
-  with random unit vectors); ITM's hard negatives still come from the batch columns. After the loss
-  the gathered global batch of momentum features is written at ``queue_ptr`` (wrapping around), so
-  every rank holds the same queue and 1 process with batch 2b logs what 2 processes with b each log.
-  Under gradient accumulation every micro-batch enqueues (each is a forward with its own keys).
+  with random unit vectors); ITM's hard negatives still come from the batch columns. Once the step's
+  backward has run (at ``after_step``, or as the next micro-batch's forward opens), the gathered global
+  batch of momentum features is written at ``queue_ptr`` (wrapping around), so every rank holds the
+  same queue and 1 process with batch 2b logs what 2 processes with b each log. The backward reads the
+  queue the loss was computed against, in place (no copy of its 65,536 rows per step), so the write
+  waits for it. Under gradient accumulation every micro-batch enqueues (each is a forward with its
+  own keys).
   The queues and pointer are persistent buffers: they are in checkpoints and restored exactly.
 - **Soft targets**: ITC targets ``alpha * softmax(sim_m / temp) + (1 - alpha) * one-hot`` with sim_m the
   momentum queries against the same keys; MLM ``(1 - alpha) * CE + alpha * soft CE`` against the
@@ -29,14 +32,35 @@ configs/base_albef.json, as in ALBEF's pretraining, and off when not given):
   the first ``alpha_warmup_steps`` optimizer steps (ALBEF ramps it over the first epoch; an epoch
   has no fixed length in a streamed dataset, so the ramp is given in steps).
 
+Paper vs code (Li et al., 2021, sec. 3-4; not in papers/, read from the paper; the README's table):
+
+- ViT-B/16 from DeiT ImageNet-1k weights, text = BERT-base layers 1-6, fusion = layers 7-12 -> preset
+  "base" (``model.text_layers`` 6 / ``model.fusion_layers`` 6); weights: ``model.image_init`` /
+  ``model.text_init``, unset in configs/base_albef.json (no DeiT-B or BERT-base offline here: it trains
+  from scratch unless they are named).
+- ITC projections to 256, learnable τ from 0.07 -> ``model.embed_dim`` 256, ``method.temperature`` 0.07.
+- MLM 15%, 80/10/10 -> ``method.mlm_probability`` / ``method.mlm_replace``; ITM hard negatives ->
+  ``method.itm_negatives`` "hard".
+- momentum 0.995, queue 65,536, α = 0.4 -> ``momentum`` / ``queue_size`` / ``alpha``
+  (``momentum_distill`` true in configs/base_albef.json); α's ramp over the first epoch (official code)
+  -> ``alpha_warmup_steps`` (steps, not epochs).
+- batch 512 (8 GPUs x 64), 30 epochs -> ``data.batch_size`` 64 per process, ``train.steps``.
+- 256 px random crops in pre-training -> ``model.image_size`` 224 (the preset's; set 256 to match);
+  crop scale (0.5, 1) and flip: the train transform.
+- AdamW, wd 0.02, lr 1e-4 after 1,000 warm-up iterations, cosine to 1e-5 -> ``train.weight_decay``,
+  ``lr``, ``warmup_steps``, ``schedule`` "cosine", ``min_lr_ratio`` 0.1; RandAugment(2, 7) without
+  colour ops -> ``data.rand_augment`` "albef", ``rand_augment_ops`` 2, ``rand_augment_magnitude`` 7.
+
 Where this differs from the official code, on purpose: the queries of this rank meet the momentum keys
 of the *global* batch (ALBEF: its GPU's batch) so the result does not depend on the split; the
 momentum model runs without dropout (ALBEF's runs in train mode); the EMA update follows the optimizer
 step rather than opening the next forward (the same sequence of weights).
 
-ZeRO stages 0-2 work with distillation (every rank holds the same copy and queues). Stage 3 is refused
-by the trainer for this recipe as before (its 0-dim temperature; see ``check_zero3_support``); the
-copy itself would cope (``EmaTeacher.update`` gathers partitioned weights, the copy is buffers).
+Every ZeRO stage 0-3 works, with or without distillation: every rank holds the same momentum copy
+and queues (buffers, never partitioned); under stage 3 ``EmaTeacher.update`` gathers the partitioned
+online weights, the tied MLM decoder is registered as an external parameter of the MLM head
+(``AlbefModel.zero3_external_parameters``) and the temperature is [1]-shaped
+(``base.temperature_parameter``). Tested: 2 processes at stage 3 log what 1 process at stage 0 logs.
 
 Other recipes reuse its pieces: ``encode``/``contrastive``/``matching``/``masked_lm`` are the
 building blocks, so a recipe that adds objectives calls them rather than repeating them. Those that do
@@ -60,7 +84,7 @@ from ..models.ema import EmaTeacher
 from ..objectives.itc import MomentumKeys, itc_loss
 from ..objectives.itm import itm_loss
 from ..objectives.mlm import mlm_loss
-from .base import Recipe
+from .base import Recipe, temperature_parameter
 
 ITM_STREAM = 2
 
@@ -133,7 +157,7 @@ class Albef(Recipe):
         super().__init__(cfg)
         self.options = o = build_section(AlbefOptions, cfg.method.options, "method.options")
         self.backbone = AlbefModel(cfg.model)
-        self.temperature = nn.Parameter(torch.tensor(cfg.method.temperature))
+        self.temperature = temperature_parameter(cfg.method.temperature)
         self.text_masking = build_text_masking(cfg, self)
         self.momentum_model: Optional[EmaTeacher] = None
         if o.momentum_distill:
@@ -143,6 +167,7 @@ class Albef(Recipe):
             self.register_buffer("image_queue", nn.functional.normalize(torch.randn(o.queue_size, embed_dim), dim=-1))
             self.register_buffer("text_queue", nn.functional.normalize(torch.randn(o.queue_size, embed_dim), dim=-1))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.pending_keys: Optional[MomentumKeys] = None
 
     # -- momentum distillation ------------------------------------------------------------------
 
@@ -175,15 +200,25 @@ class Albef(Recipe):
         probs = mlm_logits_m.float().softmax(dim=-1) if distil_mlm else None
         return MomentumTargets(keys, probs, alpha)
 
+    def defer_enqueue(self, keys: MomentumKeys) -> None:
+        """Hold this forward's keys until its backward is done (``enqueue_pending``)."""
+        size, rows = self.image_queue.shape[0], keys.all_image.shape[0]
+        if rows > size > 0:
+            raise ConfigError(f"method.options.queue_size={size} is smaller than the global batch ({rows}): "
+                              f"raise it to at least {rows} or set it to 0 (no queue)")
+        self.pending_keys = keys
+
+    def enqueue_pending(self) -> None:
+        keys, self.pending_keys = getattr(self, "pending_keys", None), None
+        if keys is not None:
+            self.enqueue(keys)
+
     @torch.no_grad()
     def enqueue(self, keys: MomentumKeys) -> None:
         """Write the global batch of momentum features into the queues at ``queue_ptr`` (wrapping)."""
         size, rows = self.image_queue.shape[0], keys.all_image.shape[0]
         if size == 0:
             return
-        if rows > size:
-            raise ConfigError(f"method.options.queue_size={size} is smaller than the global batch ({rows}): "
-                              f"raise it to at least {rows} or set it to 0 (no queue)")
         where = (int(self.queue_ptr) + torch.arange(rows, device=self.image_queue.device)) % size
         self.image_queue[where] = keys.all_image.to(self.image_queue.dtype)
         self.text_queue[where] = keys.all_text.to(self.text_queue.dtype)
@@ -237,21 +272,23 @@ class Albef(Recipe):
     # -- the recipe -----------------------------------------------------------------------------
 
     def forward(self, batch: Batch) -> dict:
+        self.enqueue_pending()  # the previous micro-batch's keys: its backward is done
         image_states, text_states = self.encode(batch)
         masked = self.text_masking(batch, self.draw_step) if self.uses("mlm") else None
         momentum = self.momentum_targets(batch, masked)
         losses = self.alignment(batch, image_states, text_states, momentum)
         if masked is not None:
             losses["mlm"] = self.masked_lm(batch, image_states, masked, momentum)
-        metrics = {"temperature": self.temperature}
+        metrics = {"temperature": self.temperature.reshape(())}
         if momentum is not None:
             metrics["alpha"] = torch.tensor(momentum.alpha)
             if self.training:
-                self.enqueue(momentum.keys)
+                self.defer_enqueue(momentum.keys)
         return self.total(losses, metrics)
 
     def after_step(self, step: int, applied: bool = True) -> None:
         super().after_step(step, applied)
+        self.enqueue_pending()
         if self.momentum_teacher is not None and applied:  # a skipped step left the weights as they were
             self.momentum_teacher.update()
 

@@ -31,6 +31,13 @@ class RetrievalScorer(Protocol):
         """Probability that each (image, text) pair matches, [B]; inputs row-aligned."""
 
 
+def temperature_parameter(value: float) -> nn.Parameter:
+    """A learnable ITC temperature, held as shape [1]: ZeRO-3 cannot partition a 0-dim parameter
+    (DeepSpeed 0.19.8 views each one as bytes). Older checkpoints with a 0-dim one still load
+    (``Recipe._widen_scalar_parameters``)."""
+    return nn.Parameter(torch.tensor([float(value)]))
+
+
 class Recipe(nn.Module):
     """Base of all recipes: loss weighting and the hooks the trainer calls."""
 
@@ -52,9 +59,18 @@ class Recipe(nn.Module):
         self.current_step = 0
         self.micro_batch = 0  # which micro-batch of the step this forward is (Engine.train_micro_batch)
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_step())
+        self._register_load_state_dict_pre_hook(self._widen_scalar_parameters)
 
     def _sync_step(self) -> None:
         self.current_step = int(self.step)
+
+    def _widen_scalar_parameters(self, state_dict, prefix, *args) -> None:
+        """Checkpoints written before the temperature became [1]-shaped hold it 0-dim: load it as [1]."""
+        for name, param in self.named_parameters():
+            saved = state_dict.get(prefix + name)
+            shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the full shape there
+            if tuple(shape) == (1,) and isinstance(saved, torch.Tensor) and saved.dim() == 0:
+                state_dict[prefix + name] = saved.reshape(1)
 
     @property
     def draw_step(self) -> int:
@@ -71,7 +87,9 @@ class Recipe(nn.Module):
         out = {name: value.detach() for name, value in losses.items()}
         out["loss"] = sum(self.loss_weights[name] * value for name, value in losses.items())
         if metrics:
-            out.update({name: value.detach() for name, value in metrics.items()})
+            # copies: a metric may be a view of a parameter (the temperature), which the optimizer step
+            # changes in place (ZeRO-0) or frees (ZeRO-3) before the row is logged
+            out.update({name: value.detach().clone() for name, value in metrics.items()})
         policy = getattr(self, "text_masking", None)
         if hasattr(policy, "metrics"):  # a masking policy with its own report (the hosted curriculum)
             out.update({f"text_masking/{name}": value for name, value in policy.metrics().items()})

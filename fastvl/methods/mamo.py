@@ -38,6 +38,20 @@ Paper -> code:
 - **Collapse monitor**: metrics ``mrm_pred_std`` / ``mrm_target_std``, the mean per-dimension std of the
   MRM predictions / targets over this step's masked positions (``objectives.mrm.per_dimension_std``).
 
+Paper vs code (sec. 3, 4.2; the README's table; configs/base_mamo.json):
+
+- ViT-B/16 (pretrained) + BERT-base layers 1-6 (text) and 7-12 (fusion) -> preset "base"; weights:
+  ``model.image_init`` / ``model.text_init``, unset (none offline: trains from scratch unless named).
+- text 25%, 80/10/10 -> ``method.mlm_probability`` 0.25, ``method.mlm_replace`` [0.8, 0.1, 0.1];
+  image 75% -> ``image_mask_ratio`` 0.75; EMA α = 0.995 -> ``momentum`` 0.995.
+- MRM projector/predictor "MLPs with one hidden layer", MIM "MLP predictor" -> ``mrm_dim`` /
+  ``mrm_hidden`` / ``mim_hidden`` (0 = text width; widths unstated); loss weights all 1 (eq. 6).
+- batch 1536 (16 GPUs x 96), 30 epochs -> ``data.batch_size`` 96 per process, ``train.steps`` 101,600;
+  224 px random crops -> ``model.image_size`` 224, the train transform.
+- AdamW wd 0.01, lr 1e-4 after 2,500 warm-up iterations, linear decay to 1e-5 -> ``train.weight_decay``,
+  ``lr``, ``warmup_steps``, ``schedule`` "linear", ``min_lr_ratio`` 0.1; RandAugment (settings unstated)
+  -> ``data.rand_augment`` "albef" with ALBEF's N = 2, M = 7.
+
 Choices where the paper is vague (each a default here; options where it is a real alternative):
 
 1. MRM outputs are *not* normalised: the paper says MSE; ``mrm_normalize`` switches on BYOL's L2
@@ -54,13 +68,14 @@ Choices where the paper is vague (each a default here; options where it is a rea
    modules are switched to eval for the target pass).
 7. The EMA is kept in fp32 whatever the training precision (a bf16 EMA at α = 0.995 would not move) and
    run in the training dtype; buffers of the online modules are copied, not averaged.
-8. ITC/ITM use the unmasked pair only, and ITC has no momentum distillation (the ALBEF baseline here
-   has none either). The paper's linear LR decay and RandAugment are trainer/data matters, not here.
+8. ITC/ITM use the unmasked pair only, and ITC has no momentum distillation or queue (the paper
+   describes none; configs/base_albef.json's ALBEF has both).
 9. The temperature is a [1]-shaped parameter (clamped to [0.001, 0.5]).
 
-Not a ZeRO-3 recipe (``supports_zero3 = False``; the trainer refuses stage 3 with that reason): the tied
-MLM decoder reads the word embeddings outside their module's forward. The EMA update itself does
-handle ZeRO-3 (``EmaTeacher.update`` gathers the partitioned online parameters). Stages 0-2 work.
+Every ZeRO stage 0-3 works. Under stage 3 the tied MLM decoder and the fusion input's mask token and
+positions (read by ``image_tokens``, not a forward) are registered as external parameters
+(``zero3_external_parameters`` of the models), and ``EmaTeacher.update`` gathers the partitioned
+online parameters; the target network itself is kept whole (fp32 buffers, see ``models.ema``).
 """
 from __future__ import annotations
 
@@ -68,7 +83,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ..config import ConfigError, RunConfig, build_section
 from ..data.batch import Batch
@@ -79,7 +93,7 @@ from ..models.mamo import MamoModel
 from ..objectives.mlm import mlm_loss
 from ..objectives.mrm import feature_mim_loss, mrm_loss, per_dimension_std
 from .albef import Albef, AlbefScorer
-from .base import Recipe
+from .base import Recipe, temperature_parameter
 
 IMAGE_MASK_STREAM = 3
 """``global_uniform`` stream of the patch-mask draws (text masking uses 1, ITM negatives 2)."""
@@ -140,7 +154,6 @@ def gather_rows(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 class Mamo(Albef):
     default_losses = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "mrm": 1.0, "mim": 1.0}
-    supports_zero3 = False
 
     def __init__(self, cfg: RunConfig):
         # Albef.__init__ would build ALBEF's backbone; MAMO builds its own and reuses the rest
@@ -149,7 +162,7 @@ class Mamo(Albef):
         m = cfg.model
         self.backbone = MamoModel(m, mrm_dim=o.mrm_dim or m.text_width, mrm_hidden=o.mrm_hidden or m.text_width,
                                   mim_hidden=o.mim_hidden or m.text_width)
-        self.temperature = nn.Parameter(torch.tensor([cfg.method.temperature]))
+        self.temperature = temperature_parameter(cfg.method.temperature)
         self.text_masking = build_text_masking(cfg, self)
         grid = m.image_size // m.patch_size
         self.image_masking = BlockImageMasking(grid, o.image_mask_ratio, block=1, seed=cfg.train.seed,

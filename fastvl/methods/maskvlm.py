@@ -32,6 +32,25 @@ Paper -> code:
   a config (``method.losses``, weight 0 = off: Table 5's ITC, ITC+ITM, MLM+MIM, ...). Encoder passes a
   subset does not need are skipped.
 
+Paper vs code (sec. 3-4, A.2; the README's table; configs/base_maskvlm.json):
+
+- ViT-B/16 (timm vit_base_patch16_224, ImageNet) + roberta-base, 12 + 12 layers; 3 cross blocks per side;
+  3-block image decoder -> preset "base", ``text_encoder_layers`` 12, ``cross_layers`` 3,
+  ``decoder_layers`` 3; weights: ``model.image_init`` / ``model.text_init``, unset (none offline).
+  The text side is BERT (WordPiece, bert-base-uncased vocabulary, ``data.tokenizer``), not RoBERTa's
+  BPE: fastvl has one text stack; a BERT-base checkpoint is the nearest stand-in.
+- text 30%, [MASK] only -> ``method.mlm_probability`` 0.3, ``method.mlm_replace`` [1, 0, 0]; image 60%
+  of 32 px blocks -> ``image_mask_ratio`` 0.6, ``mask_block_patches`` 2.
+- ITC (eq. 2) *sums* the two directions; ``objectives.itc.itc_loss`` takes ALBEF's mean, so
+  configs/base_maskvlm.json sets ``method.losses.itc`` 2 for eq. 2's sum. Loss weights otherwise all 1.
+- batch 512 (16 GPUs x 32), 50 epochs on 4M -> ``data.batch_size`` 32 per process, ``train.steps``;
+  224 px -> ``model.image_size``.
+- AdamW wd 0.05, lr 3e-4 after 5 warm-up epochs, cosine to 3e-5 -> ``train.weight_decay``, ``lr``,
+  ``warmup_steps`` (steps, not epochs), ``schedule`` "cosine", ``min_lr_ratio`` 0.1; the two encoders at
+  1e-5 -> ``train.param_groups`` ``backbone.vision_encoder.*`` and ``backbone.text_encoder.*`` at
+  ``lr_scale`` 1/30 (through the whole schedule: the paper does not say whether theirs decays);
+  RandAugment (settings unstated) -> ``data.rand_augment`` "albef" with ALBEF's N = 2, M = 7.
+
 Choices where the paper is vague (each is a default here, most are options):
 
 1. Ω counts pixel *values* (pixels x 3 channels), SimMIM's normalisation; the reported loss is the
@@ -49,11 +68,10 @@ Choices where the paper is vague (each is a default here, most are options):
    than a bare FC: the paper initialises from RoBERTa, whose LM head has the same shape.
 7. With unequal vision/text widths a Linear maps the image cross [CLS] to the text width before the
    product (not needed at the paper's 768/768).
-8. The paper's per-module learning rates (1e-5 for the two encoders, 3e-4 elsewhere) are not
-   reproduced: the trainer has one learning rate for all parameters.
 
-Not a ZeRO-3 recipe (the tied MLM decoder and the ALBEF blocks read parameters outside their
-modules' forwards); stages 0-2 work.
+Every ZeRO stage 0-3 works: under stage 3 the tied MLM decoder is registered as an external
+parameter of the MLM head (``AlbefModel.zero3_external_parameters``); ``cls_row`` runs the last
+layer's submodules through their own forwards, so ZeRO-3 gathers them as usual.
 """
 from __future__ import annotations
 
@@ -61,7 +79,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ..config import ConfigError, RunConfig, build_section
 from ..data.batch import Batch
@@ -70,7 +87,7 @@ from ..masking.image import BlockImageMasking
 from ..models.maskvlm import MaskVLMModel
 from ..objectives.mim import PATCH_NORM_EPS, pixel_mim_loss
 from .albef import Albef, AlbefScorer
-from .base import Recipe
+from .base import Recipe, temperature_parameter
 
 IMAGE_MASK_STREAM = 3
 """``global_uniform`` stream of the image-mask draws (text masking uses 1, ITM negatives 2)."""
@@ -135,7 +152,7 @@ class MaskVLM(Albef):
         text_layers = m.text_layers + m.fusion_layers if o.text_encoder_layers is None else o.text_encoder_layers
         self.backbone = MaskVLMModel(m, text_layers=text_layers,
                                      cross_layers=o.cross_layers, decoder_layers=o.decoder_layers)
-        self.temperature = nn.Parameter(torch.tensor(cfg.method.temperature))
+        self.temperature = temperature_parameter(cfg.method.temperature)
         self.text_masking = build_text_masking(cfg, self)
         self.image_masking = BlockImageMasking(grid, o.image_mask_ratio, o.mask_block_patches,
                                                seed=cfg.train.seed, stream=IMAGE_MASK_STREAM)
@@ -177,7 +194,7 @@ class MaskVLM(Albef):
             losses["mlm"] = self.masked_lm(batch, image_states)
         if self.uses("mim"):
             losses["mim"] = self.masked_image_modeling(batch, text_states)
-        return self.total(losses, {"temperature": self.temperature})
+        return self.total(losses, {"temperature": self.temperature.reshape(())})
 
     @property
     def scorer(self):

@@ -106,15 +106,17 @@ class AlbefModel(ObservableModel):
 
     def mlm_logits(self, states: torch.Tensor) -> torch.Tensor:
         """[..., Dt] -> [..., V], decoder tied to the word embeddings."""
-        return self.mlm_head(states, self.text_encoder.embeddings.word_embeddings.weight)
+        return self.mlm_head(states, self.text_encoder.embeddings.word_embeddings)
 
     def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
         """Match / no-match logits [B, 2] (index 1 = match) from the fused [CLS]; accepts the full fused
         states [B, L, Dt] or the [CLS] rows [B, Dt]."""
         return self.itm_head(fused[:, 0] if fused.dim() == 3 else fused)
 
-    def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
-        """(module, parameter) pairs where a module's forward reads a parameter it does not own: the MLM
-        decoder is the word-embedding matrix. Under ZeRO-3 pass each pair to
-        ``deepspeed.zero.register_external_parameter`` so the parameter is gathered for that forward."""
+    def zero3_external_parameters(self) -> list[tuple[Optional[nn.Module], nn.Parameter]]:
+        """(reader, parameter) pairs of parameters read outside their own module's forward, for ZeRO-3
+        (``engine.register_zero3_external_parameters`` passes each to
+        ``deepspeed.zero.register_external_parameter``, so it is gathered for the reader's forward and
+        backward). Here the MLM head's forward reads the word-embedding matrix (the tied decoder). A
+        reader of None means the recipe's own forward (a parameter read by a method, not a forward)."""
         return [(self.mlm_head, self.text_encoder.embeddings.word_embeddings.weight)]

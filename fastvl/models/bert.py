@@ -56,6 +56,11 @@ class BertEmbeddings(nn.Module):
             x = x + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
 
+    def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """``forward`` slices two child tables directly (no lookup for the default ids): under ZeRO-3
+        they are gathered for this module's forward (see ``AlbefModel.zero3_external_parameters``)."""
+        return [(self, self.position_embeddings.weight), (self, self.token_type_embeddings.weight)]
+
 
 class BertSelfAttention(ObservedAttention):
     """query/key/value projections + attention. For cross-attention, key/value read ``context_width``

@@ -26,8 +26,13 @@ Storage, and why it is correct under DeepSpeed:
   no reallocation) after every update and after a state dict is loaded. That copy is not saved.
 - ZeRO stages 1 and 2 leave every rank with the full, identical online parameters after the step, so
   every rank computes the identical EMA. Under ZeRO-3 the online parameters are partitioned; ``update``
-  then gathers them (``deepspeed.zero.GatheredParameters``, read-only) for the duration of the update,
-  and the teacher keeps a full fp32 copy per rank.
+  then gathers them (``deepspeed.zero.GatheredParameters``, read-only) a group of at most
+  ``GATHER_NUMEL`` elements at a time, and the teacher keeps a full fp32 copy per rank.
+- Why the teacher is kept whole under ZeRO-3 rather than partitioned like the student: it runs a
+  forward on every rank at every step, so a partitioned teacher would be all-gathered in full at every
+  step (the student's forward traffic again) to save one fp32 copy of the followed modules per rank;
+  kept whole, its only traffic is the update's gather. It is buffers, which ZeRO-3 never partitions,
+  so nothing has to be registered with DeepSpeed, and its checkpoints are the same at every stage.
 
 ``momentum == 0`` is "no EMA" (MAMO Table 7): no copy is kept and the teacher *is* the online
 network, run under ``no_grad`` in eval mode (stop-gradient), so ``update`` has nothing to do.
@@ -64,8 +69,30 @@ def _first_floating_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+GATHER_NUMEL = 1 << 24
+"""Under ZeRO-3 the EMA update gathers the online parameters in groups of at most this many elements
+(64 MB in fp32; a larger single parameter is its own group), so the update never holds the whole
+partitioned model at once."""
+
+
+def _gather_groups(params: list[nn.Parameter], budget: int) -> Iterator[list[int]]:
+    """Consecutive index groups of ``params`` of at most ``budget`` elements (full sizes, ZeRO-3's
+    ``ds_numel`` when partitioned)."""
+    group, size = [], 0
+    for i, p in enumerate(params):
+        numel = getattr(p, "ds_numel", p.numel())
+        if group and size + numel > budget:
+            yield group
+            group, size = [], 0
+        group.append(i)
+        size += numel
+    if group:
+        yield group
+
+
 def _gathered(params: list[nn.Parameter]):
-    """Under ZeRO-3 (parameters carry ``ds_id``), gather them for reading; otherwise nothing to do."""
+    """Under ZeRO-3 (parameters carry ``ds_id``), gather them for reading (``modifier_rank=None``: no
+    rank writes, nothing is scattered back); otherwise nothing to do."""
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
@@ -145,12 +172,14 @@ class EmaTeacher(nn.Module):
         m = self.momentum if momentum is None else float(momentum)
         self._ensure_fp32()
         for name, online in self._online.items():
-            params = [p for _, p in online.named_parameters()]
-            with _gathered(params):
-                masters = [buffer for _, buffer, _ in self.pairs(name)]
-                sources = [p.detach().to(buffer.dtype) for (_, buffer, p) in self.pairs(name)]
-                torch._foreach_mul_(masters, m)
-                torch._foreach_add_(masters, sources, alpha=1.0 - m)
+            pairs = list(self.pairs(name))
+            masters, params = [buffer for _, buffer, _ in pairs], [param for _, _, param in pairs]
+            for group in _gather_groups(params, GATHER_NUMEL):
+                with _gathered([params[i] for i in group]):
+                    targets = [masters[i] for i in group]
+                    sources = [params[i].detach().to(masters[i].dtype) for i in group]
+                    torch._foreach_mul_(targets, m)
+                    torch._foreach_add_(targets, sources, alpha=1.0 - m)
             shadow = self.shadow[name]
             for path, buffer in online.named_buffers():
                 shadow.get_buffer(path).copy_(buffer)

@@ -65,7 +65,7 @@ class MlmGenerator(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., W] -> MLM logits [..., V] (eq. 4 before the softmax)."""
-        return self.mlm_head(hidden, self.text_encoder.embeddings.word_embeddings.weight)
+        return self.mlm_head(hidden, self.text_encoder.embeddings.word_embeddings)
 
     def zero3_external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """The tied decoder reads the word embeddings outside their module (see ``AlbefModel``)."""

@@ -99,6 +99,11 @@ class ConcatFusionEncoder(nn.Module):
     def no_weight_decay(self) -> list[str]:
         return ["mask_token", "image_positions"]
 
+    def zero3_external_parameters(self) -> list[tuple[None, nn.Parameter]]:
+        """``image_tokens`` is a method the recipe calls, not a forward: its two parameters are gathered
+        for the recipe's forward under ZeRO-3 (see ``AlbefModel.zero3_external_parameters``)."""
+        return [(None, self.mask_token), (None, self.image_positions)]
+
     def image_tokens(self, image_states: torch.Tensor, keep_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, 1+K, Dv] image-encoder states -> the full set [B, 1+N, Dt] (mask tokens + positions)."""
         x = self.image_to_text(image_states)

@@ -21,9 +21,35 @@ contiguous: image columns ``[0, text_start)``, text columns ``[text_start, S)``)
 
 Every attention module is an ``ObservedAttention`` named ``blocks.<i>.attn`` (C-Mask's reward reads
 q/k/v of each layer through the observer) and accepts the generalized-LM ``kind``/``step`` rule.
+
+Initialisation from unimodal checkpoints (C-Mask appendix C, VLMo's recipe), through the loaders of
+``model.image_init`` (``vision_init.load_vision_checkpoint``) and ``model.text_init``
+(``hf_bert.load_hf_bert``), each into a throw-away ViT / BERT of the multiway's shape whose weights are
+then copied over:
+
+==============================================  ============================================
+ViT (``model.image_init``)                      multiway
+==============================================  ============================================
+patch embedding, [CLS], positions, final norm   ``patch_embed``, ``cls_token``, ``pos_embed``, ``norm``
+block i: norm1, attention (qkv, proj)           ``blocks.i.norm1``, ``blocks.i.attn`` (shared by all tokens)
+block i: norm2, MLP                             ``blocks.i.experts.vision`` (norm, fc1, fc2)
+BERT (``model.text_init``)
+embeddings                                      ``text_embeddings``
+layer i: attention.output.LayerNorm,            ``blocks.i.experts.text`` (norm, fc1, fc2): the LayerNorm
+intermediate.dense, output.dense                that normalises the FFN's input, as the pre-norm expert's does
+cls.predictions (BertForMaskedLM)               ``mlm_head``
+==============================================  ============================================
+
+BERT's self-attention and its output.LayerNorm are not read (the attention is the ViT's; the output norm
+has no place in a pre-norm block); the VL experts, ``image_type`` and the ITC projections keep their
+initialisation (the VL expert is trained in VLMo's last stage, which C-Mask's pretraining stands for).
+The LayerNorm epsilon stays ``MULTIWAY_LN_EPS``; the ViT must be plain (no LayerScale) with
+``VIT_MLP_RATIO`` x width = ``model.text_intermediate``, as wide as ``model.text_width``, with as many
+blocks and heads as the multiway (``method.options.layers``, ``model.text_heads``).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -32,10 +58,13 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from .attention import ObservableModel, ObservedAttention, merge_heads, name_attention_modules, split_heads
-from .bert import BertEmbeddings
+from .bert import BertEmbeddings, TextEncoder
 from .checkpointing import run_layer
 from .heads import MlmHead, unit_projection
+from .hf_bert import load_hf_bert
 from .init import INIT_STD, init_weights
+from .vision_init import load_vision_checkpoint
+from .vit import VIT_MLP_RATIO, VisionTransformer
 
 MULTIWAY_LN_EPS = 1e-6
 EXPERTS = ("vision", "text")
@@ -112,10 +141,6 @@ class MultiwayModel(ObservableModel):
 
     def __init__(self, cfg: ModelConfig, layers: Optional[int] = None, vl_layers: int = 2):
         super().__init__()
-        if cfg.image_init:
-            raise ConfigError("model.image_init is not supported by the multiway backbone (C-Mask's "
-                              "default method.options.backbone=multiway): its image rows run through the text "
-                              "width's shared layers; unset model.image_init or set method.options.backbone=albef")
         self.cfg = cfg
         width = cfg.text_width
         self.width = width
@@ -141,7 +166,68 @@ class MultiwayModel(ObservableModel):
         self.apply(init_weights)
         for p in (self.cls_token, self.pos_embed, self.image_type):
             nn.init.trunc_normal_(p, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
+        self.image_init_report = self.load_vision(cfg.image_init) if cfg.image_init else None
+        self.text_init_report = self.load_text(cfg.text_init) if cfg.text_init else None
         name_attention_modules(self)
+
+    # -- unimodal initialisation (see the module docstring) ---------------------------------------
+
+    def _unimodal_shape(self) -> ModelConfig:
+        """The config of a ViT / BERT of the multiway's width, depth and heads."""
+        return dataclasses.replace(self.cfg, vision_width=self.width, vision_layers=self.num_layers,
+                                   vision_heads=self.cfg.text_heads, text_layers=self.num_layers, fusion_layers=0,
+                                   image_init=None, text_init=None)
+
+    def load_vision(self, source):
+        """Patch embedding, [CLS], positions, the shared attention and the vision experts from a ViT
+        checkpoint (``model.image_init``); returns the loader's report."""
+        shape = self._unimodal_shape()
+        if shape.vision_layer_scale or VIT_MLP_RATIO * self.width != self.cfg.text_intermediate:
+            raise ConfigError(f"model.image_init: the multiway backbone's vision experts are plain ViT MLPs of "
+                              f"model.text_intermediate ({self.cfg.text_intermediate}) = {VIT_MLP_RATIO} x "
+                              f"model.text_width ({self.width}) without LayerScale: set model.text_intermediate="
+                              f"{VIT_MLP_RATIO * self.width} and model.vision_layer_scale=false, or use "
+                              f"method.options.backbone=albef")
+        vit = VisionTransformer(shape)
+        try:
+            report = load_vision_checkpoint(vit, source)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (the multiway backbone's ViT has model.text_width, model.text_heads and "
+                              f"method.options.layers for width, heads and depth)") from None
+        names = {"patch_embed.weight": "patch_embed.weight", "patch_embed.bias": "patch_embed.bias",
+                 "cls_token": "cls_token", "pos_embed": "pos_embed", "norm.weight": "norm.weight",
+                 "norm.bias": "norm.bias"}
+        for i in range(self.num_layers):
+            for ours, theirs in (("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
+                                 ("experts.vision.norm", "norm2"), ("experts.vision.fc1", "mlp.fc1"),
+                                 ("experts.vision.fc2", "mlp.fc2")):
+                for leaf in ("weight", "bias"):
+                    names[f"blocks.{i}.{ours}.{leaf}"] = f"blocks.{i}.{theirs}.{leaf}"
+        self._copy_from(vit, names)
+        return report
+
+    def load_text(self, folder):
+        """Word/position/type embeddings, the text experts and (BertForMaskedLM) the MLM head from a BERT
+        checkpoint (``model.text_init``); returns the loader's report."""
+        shape = self._unimodal_shape()
+        bert = TextEncoder(shape, self.num_layers)
+        report = load_hf_bert(bert, None, folder, mlm_head=self.mlm_head)
+        names = {f"text_embeddings.{name}": f"embeddings.{name}" for name, _ in bert.embeddings.named_parameters()}
+        for i in range(self.num_layers):
+            layer = f"encoder.layer.{i}"
+            for ours, theirs in (("norm", "attention.output.LayerNorm"), ("fc1", "intermediate.dense"),
+                                 ("fc2", "output.dense")):
+                for leaf in ("weight", "bias"):
+                    names[f"blocks.{i}.experts.text.{ours}.{leaf}"] = f"{layer}.{theirs}.{leaf}"
+        self._copy_from(bert, names)
+        return report
+
+    @torch.no_grad()
+    def _copy_from(self, source: nn.Module, names: dict[str, str]) -> None:
+        """``names``: our parameter -> ``source``'s."""
+        ours, theirs = dict(self.named_parameters()), dict(source.named_parameters())
+        for name, source_name in names.items():
+            ours[name].copy_(theirs[source_name])
 
     def no_weight_decay(self) -> list[str]:
         return ["cls_token", "pos_embed", "image_type"]
@@ -204,7 +290,10 @@ class MultiwayModel(ObservableModel):
         return unit_projection(self.text_proj, text_states[:, 0])
 
     def mlm_logits(self, states):
-        return self.mlm_head(states, self.text_embeddings.word_embeddings.weight)
+        return self.mlm_head(states, self.text_embeddings.word_embeddings)
 
     def zero3_external_parameters(self):
-        return [(self.mlm_head, self.text_embeddings.word_embeddings.weight)]
+        """The tied decoder reads the word embeddings, and ``embed_image`` (a method the recipe calls,
+        not a forward) reads the image tokens (see ``AlbefModel.zero3_external_parameters``)."""
+        return [(self.mlm_head, self.text_embeddings.word_embeddings.weight),
+                *((None, p) for p in (self.cls_token, self.pos_embed, self.image_type))]

@@ -58,20 +58,26 @@ def test_queue_advances_by_the_batch_and_wraps_around():
     initial = recipe.image_queue.clone()
     torch.testing.assert_close(initial.norm(dim=-1), torch.ones(6))  # ALBEF: random unit vectors
 
-    recipe(first)
+    recipe(first)  # the write waits for the backward, which reads the queue the loss saw
+    assert int(recipe.queue_ptr) == 0 and torch.equal(recipe.image_queue, initial)
+    recipe.after_step(1)
     assert int(recipe.queue_ptr) == 4
     torch.testing.assert_close(recipe.image_queue[:4], image_1)
     torch.testing.assert_close(recipe.text_queue[:4], text_1)
     assert torch.equal(recipe.image_queue[4:], initial[4:])
 
     recipe(second)  # rows 4, 5, then wraps to 0, 1
+    recipe(first)  # under gradient accumulation, the next micro-batch's forward writes them
     assert int(recipe.queue_ptr) == 2
     torch.testing.assert_close(recipe.image_queue[[4, 5, 0, 1]], image_2)
     torch.testing.assert_close(recipe.text_queue[[4, 5, 0, 1]], text_2)
     torch.testing.assert_close(recipe.image_queue[2:4], image_1[2:])
 
-    recipe.eval()(first)  # evaluation forwards leave the queue alone
-    assert int(recipe.queue_ptr) == 2
+    recipe.eval()(first)  # writes the last training forward's keys, and holds none of its own
+    assert int(recipe.queue_ptr) == 0
+    recipe(first)
+    recipe.after_step(2)
+    assert int(recipe.queue_ptr) == 0
 
 
 def test_queue_smaller_than_the_global_batch_is_refused():
@@ -85,6 +91,7 @@ def test_the_queue_is_a_source_of_negatives():
     against [batch ; queue] keys (reference: plain cross-entropy over the concatenated keys)."""
     recipe = distilling(queue_size=8, alpha=0.0).train()
     recipe(random_batch(4, seed=1))
+    recipe.after_step(1)
     batch = random_batch(4, seed=2)
     image, text = online_features(recipe, batch)
     keys_text = torch.cat([text, recipe.text_queue])
@@ -191,14 +198,6 @@ def test_momentum_model_moves_by_the_ema_rule_after_applied_steps_only():
 # ------------------------------------------------------------------------------------------------
 # training runs
 
-
-@pytest.fixture
-def single_thread():
-    """Bit-for-bit comparisons need reproducible CPU kernels (see tests/train/test_loop.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_queues_and_momentum_model_resume_exactly(synth, tmp_path, single_thread):

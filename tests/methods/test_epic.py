@@ -1,7 +1,9 @@
 """EPIC: saliency from a frozen teacher (against a direct computation from the named layer's
-projections, ALBEF and MAMO layouts), position sampling without replacement, the generator's draws,
-the consistency labels, gradient isolation of the generator, the frozen teacher, the ablation switches,
-mounting on another base, and end-to-end runs on the built-in data (losses fall; ZeRO-2 in bf16)."""
+projections, ALBEF and MAMO layouts), position sampling without replacement (and, at recipe level,
+positions that follow the teacher's α), the generator's draws (replacements sampled from its softmax,
+its weights loaded from ``model.text_init``), the consistency labels, gradient isolation of the
+generator, the frozen teacher, the ablation switches, mounting on another base, and end-to-end runs
+on the built-in data (losses fall; ZeRO-2 in bf16)."""
 import json
 import math
 
@@ -52,7 +54,7 @@ def recipe(teacher_path):
     return build(teacher_path)
 
 
-def make_batch(seed=0, b=B, length=L):
+def make_batch(seed=0, b=B, length=L, image_size=64):
     """[CLS] words [SEP] [PAD]...: row lengths L, L-3, L-5, L-1 (then L)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 2000, (b, length), generator=g)
@@ -63,7 +65,7 @@ def make_batch(seed=0, b=B, length=L):
         ids[i, n - 1] = SEP_ID
         ids[i, n:] = PAD_ID
         mask[i, n:] = 0
-    return Batch(torch.randn(b, 3, 64, 64, generator=g), ids, mask)
+    return Batch(torch.randn(b, 3, image_size, image_size, generator=g), ids, mask)
 
 
 def maskable(batch, recipe):
@@ -186,6 +188,50 @@ def test_positions_do_not_depend_on_padding(recipe):
     assert not torch.equal(a.positions, recipe.corrupt(batch, step=6).positions)
 
 
+def inclusion_probabilities(weights, m):
+    """P(i in M) when m positions are drawn one after another, each ∝ ``weights`` over those not yet drawn
+    (sampling without replacement), by enumerating every ordered draw."""
+    chosen_mass = [0.0] * len(weights)
+
+    def visit(chosen, probability, left):
+        if left == 0:
+            for i in chosen:
+                chosen_mass[i] += probability
+            return
+        rest = 1.0 - sum(weights[i] for i in chosen)
+        for i, w in enumerate(weights):
+            if i not in chosen and w > 0:
+                visit(chosen + (i,), probability * w / rest, left - 1)
+
+    visit((), 1.0, m)
+    return torch.tensor(chosen_mass)
+
+
+def test_recipe_positions_follow_the_teachers_saliency(tmp_path):
+    """Recipe level: over 500 draws of ``Epic.positions`` per caption, each token's masking frequency
+    equals its inclusion probability under sampling without replacement ∝ the teacher's α (enumerated
+    exactly), and not the m/n of uniform positions. A sharper α (saliency_scale=10) and 16-px images keep
+    the two apart and the 2,000 teacher rows cheap."""
+    teacher = save_fresh("configs/tiny_albef.json", tmp_path / "teacher.pt", 0, "model.image_size=16")
+    r = build(teacher, "model.image_size=16", saliency_scale=10.0)
+    batch = make_batch(3, image_size=16)
+    allowed = maskable(batch, r)
+    alpha = r.saliency(batch.images, batch.input_ids, batch.attention_mask, allowed)
+    counts = masked_count(allowed, r.options.mask_ratio)
+    expected = torch.stack([inclusion_probabilities(alpha[i].tolist(), int(counts[i])) for i in range(B)])
+    uniform = allowed.float() * (counts.float() / allowed.sum(dim=1).float()).unsqueeze(1)
+    assert (expected - uniform).abs().max() > 0.3  # this teacher's α is far from uniform
+
+    draws = 500
+    repeated = Batch(batch.images.repeat(draws, 1, 1, 1), batch.input_ids.repeat(draws, 1),
+                     batch.attention_mask.repeat(draws, 1))
+    u = torch.rand(draws * B, L, generator=torch.Generator().manual_seed(4))
+    positions, saliency = r.positions(repeated, u)
+    torch.testing.assert_close(saliency[:B], alpha)
+    frequency = positions.float().reshape(draws, B, L).mean(dim=0)
+    torch.testing.assert_close(frequency, expected, atol=0.07, rtol=0)
+
+
 def trimmed(batch, rows):
     """Rows of ``batch``, padded only to their own longest caption (as a rank's loader would)."""
     part = batch.slice(rows.start, rows.stop)
@@ -303,6 +349,32 @@ def test_replacements_equal_to_the_original_are_consistent(recipe, monkeypatch):
     assert (labels[keep] == 1).all()  # masked but unchanged: consistent (eq. 6)
     changed = c.input_ids[positions] != originals
     assert torch.equal(labels[~keep] == 0, changed[~keep])
+
+
+def test_replacements_are_sampled_from_the_generator():
+    """Recipe level: a generator whose MLM softmax is forced (transform output 0, so logits = the decoder
+    bias) to put 1/4 on one ordinary id and 3/4 on another proposes only those two, at those rates — a
+    uniformly random replacement would almost never hit either, an argmax would give only the second."""
+    r = build_method(recipe_config(CONFIG, "method.options.teacher=null", masking="random"))
+    first, second = 2500, 2600  # outside the captions' ids (1000-1999): every replacement is inconsistent
+    with torch.no_grad():
+        transform = r.generator.mlm_head.transform
+        transform.LayerNorm.weight.zero_()
+        transform.LayerNorm.bias.zero_()
+        r.generator.mlm_head.bias.fill_(-1e4)
+        r.generator.mlm_head.bias[first] = 0.0
+        r.generator.mlm_head.bias[second] = math.log(3.0)
+    batch = make_batch(17, b=32, length=24)
+    replacements, labels = [], []
+    for step in range(4):
+        c = r.corrupt(batch, step=step)
+        replacements.append(c.input_ids[c.positions])
+        labels.append(c.labels[c.positions])
+    replacements, labels = torch.cat(replacements), torch.cat(labels)
+    assert replacements.numel() > 800
+    assert set(replacements.unique().tolist()) == {first, second}
+    assert (replacements == second).float().mean().item() == pytest.approx(0.75, abs=0.06)
+    assert not labels.any()
 
 
 def test_token_consistency_loss_and_metrics():
@@ -472,6 +544,52 @@ def test_generator_shape_and_minilm_init(teacher_path):
     assert "text_encoder.embeddings.word_embeddings.weight" in report.loaded
     c = r.corrupt(make_batch(14))
     assert torch.isfinite(c.generator_loss)
+
+
+def tiny_masked_lm_folder(folder):
+    """A random transformers BertForMaskedLM shaped like the tiny preset's text + fusion stack (4 layers,
+    128 wide), saved offline to ``folder``: a stand-in for the pretrained text encoder."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=512, max_position_embeddings=512, layer_norm_eps=1e-12)
+    torch.manual_seed(5)
+    model = transformers.BertForMaskedLM(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def test_generator_starts_from_the_text_encoders_checkpoint(tmp_path, teacher_path):
+    """generator_init="model" loads ``model.text_init`` (the paper: the VLM's pretrained text encoder with
+    its MLM head): every tensor of the checkpoint is in the generator, and its MLM logits are
+    transformers' on a masked caption."""
+    hf = tiny_masked_lm_folder(tmp_path / "bert")
+    r = build(teacher_path, f"model.text_init={tmp_path / 'bert'}", generator_init="model")
+    generator = r.generator
+    assert len(generator.text_encoder.encoder.layer) == 4  # text_layers + fusion_layers
+    assert not generator.init_report.fresh
+    ours = dict(generator.named_parameters())
+    for key, value in hf.state_dict().items():
+        if key.startswith("bert.") and "position_ids" not in key:
+            assert torch.equal(ours["text_encoder." + key[len("bert."):]], value), key
+        elif key.startswith("cls.predictions.") and ".decoder." not in key:
+            assert torch.equal(ours["mlm_head." + key[len("cls.predictions."):]], value), key
+    batch = make_batch(18)
+    masked_ids = batch.input_ids.clone()
+    masked_ids[:, 2:5] = MASK_ID
+    with torch.no_grad():
+        logits = generator.logits(generator(masked_ids, batch.attention_mask))
+        reference = hf(input_ids=masked_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(logits[real], reference[real], atol=1e-4, rtol=1e-4)
+
+
+def test_a_generator_left_random_by_the_model_init_warns(teacher_path):
+    with pytest.warns(RuntimeWarning, match="generator starts from random weights"):
+        build(teacher_path, generator_init="model")
+    # the base config names the pretrained text encoder, so its generator (init "model") starts from it
+    base = load_config("configs/base_epic.json")
+    assert base.model.text_init and base.method.options["generator_init"] == "model"
 
 
 def test_epic_mounts_on_mamo_with_a_mamo_teacher(tmp_path):

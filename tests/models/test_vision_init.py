@@ -17,7 +17,6 @@ from safetensors.torch import save_file
 
 from fastvl.config import ConfigError, ModelConfig
 from fastvl.models import AlbefModel, VisionTransformer
-from fastvl.models.multiway import MultiwayModel
 from fastvl.models.vision_init import load_vision_checkpoint, patch_resize_matrix, resample_patch_kernel
 
 transformers = pytest.importorskip("transformers")
@@ -355,8 +354,3 @@ def test_pickled_objects_are_never_unpickled(tmp_path):
     with pytest.raises(ConfigError, match="weights_only=True"):
         load(vit_config(32, 8), tmp_path / "evil.pth")
     assert PAYLOAD_RAN == []
-
-
-def test_multiway_backbone_refuses_image_init(tmp_path):
-    with pytest.raises(ConfigError, match="method.options.backbone=albef"):
-        MultiwayModel(vit_config(32, 8, image_init=str(tmp_path)))
