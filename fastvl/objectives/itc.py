@@ -44,21 +44,28 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, temperature: tor
     Returns (loss, sim_i2t [b, G], sim_t2i [b, G]) with G the global batch; the similarities (fp32,
     detached, the batch columns only) feed hard-negative mining."""
     if momentum is None:
-        text_keys, image_keys = gather_with_grad(text_feat).float(), gather_with_grad(image_feat).float()
+        text_keys, image_keys = [gather_with_grad(text_feat).float()], [gather_with_grad(image_feat).float()]
     else:
-        text_keys = torch.cat([momentum.all_text.float(), momentum.text_queue.float()])
-        image_keys = torch.cat([momentum.all_image.float(), momentum.image_queue.float()])
+        text_keys = [momentum.all_text.float(), momentum.text_queue.float()]
+        image_keys = [momentum.all_image.float(), momentum.image_queue.float()]
     temperature = temperature.float()
-    sim_i2t = image_feat.float() @ text_keys.t() / temperature
-    sim_t2i = text_feat.float() @ image_keys.t() / temperature
+    sim_i2t = similarities(image_feat, text_keys, temperature)
+    sim_t2i = similarities(text_feat, image_keys, temperature)
     rows = image_feat.shape[0]
     targets = torch.arange(rows, device=image_feat.device) + global_offset(rows)
     if momentum is not None and alpha > 0:
         with torch.no_grad():
-            soft_i2t = distilled_targets(momentum.image.float() @ text_keys.t() / temperature, targets, alpha)
-            soft_t2i = distilled_targets(momentum.text.float() @ image_keys.t() / temperature, targets, alpha)
+            soft_i2t = distilled_targets(similarities(momentum.image, text_keys, temperature), targets, alpha)
+            soft_t2i = distilled_targets(similarities(momentum.text, image_keys, temperature), targets, alpha)
         loss = (soft_cross_entropy(sim_i2t, soft_i2t).mean() + soft_cross_entropy(sim_t2i, soft_t2i).mean()) / 2
     else:
         loss = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_t2i, targets)) / 2
-    batch = image_keys.shape[0] - (0 if momentum is None else momentum.image_queue.shape[0])
+    batch = image_keys[0].shape[0]
     return loss, sim_i2t[:, :batch].detach(), sim_t2i[:, :batch].detach()
+
+
+def similarities(queries: torch.Tensor, keys: list[torch.Tensor], temperature: torch.Tensor) -> torch.Tensor:
+    """``queries @ cat(keys).T / temperature`` in fp32, one product per key block: the [b, Q] logits
+    are small, a concatenated [G + Q, E] key matrix (65,536 queue rows) would be a large copy per call."""
+    queries = queries.float()
+    return torch.cat([queries @ block.t() for block in keys], dim=1) / temperature

@@ -4,10 +4,10 @@
 
 - precision ``auto|fp16|bf16|fp32`` is resolved once (``resolve_precision``); fp16 needs CUDA (DeepSpeed's
   dynamic loss scaling), bf16/fp32 run anywhere;
-- AdamW with two parameter groups: decay on weight matrices, none on biases, norms, embeddings and
-  scalars (``parameter_groups``);
-- linear warmup then cosine decay to ``min_lr_ratio * lr`` as a ``LambdaLR`` that DeepSpeed steps at
-  every optimizer step (``lr_factor``);
+- AdamW parameter groups: decay on weight matrices, none on biases, norms, embeddings and scalars, and
+  per-module learning rates and decay from ``train.param_groups`` (``parameter_groups``);
+- the schedule of ``train.schedule`` (warm-up then cosine, linear or constant; or tri-stage) as a
+  ``LambdaLR`` that DeepSpeed steps at every optimizer step (``lr_factor``);
 - gradient clipping and accumulation in the DeepSpeed config, with
   ``train_batch_size = micro_batch * grad_accum * world_size``.
 """
@@ -21,13 +21,15 @@ import socket
 import sys
 import warnings
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, TrainConfig
 from ..precision import auto_precision
+from .host_memory import keep_freed_host_memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,11 +138,16 @@ def compute_dtype(precision: str) -> torch.dtype:
 _NO_DECAY_MODULES = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weight decay on weight matrices only. Exempt: every parameter with fewer
-    than 2 dimensions (biases, norm scales, temperatures), all parameters of embedding and norm
-    modules, and names a module lists in ``no_weight_decay()`` (timm's convention, for position
-    embeddings / [CLS] tokens held as bare parameters)."""
+def parameter_groups(model: nn.Module, weight_decay: float, rules: tuple[dict, ...] = ()) -> list[dict]:
+    """AdamW groups of the trainable parameters, each with its ``weight_decay`` and ``lr_scale``.
+
+    Weight decay applies to weight matrices only. Exempt: every parameter with fewer than 2 dimensions
+    (biases, norm scales, temperatures), all parameters of embedding and norm modules, and names a
+    module lists in ``no_weight_decay()`` (timm's convention, for position embeddings / [CLS] tokens
+    held as bare parameters). ``rules`` (``train.param_groups``, canonical form) assign a parameter to
+    the first rule with a matching name pattern, which gives it that rule's ``lr_scale`` and weight
+    decay. Order: the unmatched parameters' decay and no-decay groups, then each rule's two, empty
+    groups dropped (without rules: the two groups checkpoints written before rules existed hold)."""
     exempt_names: set[str] = set()
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
@@ -149,12 +156,23 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         listed = getattr(module, "no_weight_decay", None)
         if callable(listed):
             exempt_names.update(prefix + n for n in listed())
-    decay, no_decay = [], []
+    settings = [(1.0, weight_decay)] + [
+        (rule["lr_scale"], weight_decay if rule["weight_decay"] is None else rule["weight_decay"]) for rule in rules]
+    members: list[tuple[list, list]] = [([], []) for _ in settings]  # per setting: (decay, no_decay)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or name in exempt_names else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        index = next((i + 1 for i, rule in enumerate(rules) if any(fnmatch(name, p) for p in rule["params"])), 0)
+        members[index][param.ndim < 2 or name in exempt_names].append(param)
+    for i, rule in enumerate(rules):
+        if not any(members[i + 1]):
+            tops = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
+            raise ConfigError(f"train.param_groups[{i}] matches no trainable parameter of {type(model).__name__} "
+                              f"(patterns {rule['params']}; top-level modules: {', '.join(tops)})")
+    groups = []
+    for (lr_scale, decay), (decayed, undecayed) in zip(settings, members):
+        groups += [{"params": decayed, "weight_decay": decay, "lr_scale": lr_scale},
+                   {"params": undecayed, "weight_decay": 0.0, "lr_scale": lr_scale}]
     return [g for g in groups if g["params"]]
 
 
@@ -163,7 +181,9 @@ def build_optimizer(cfg: RunConfig, groups: list[dict], device: torch.device) ->
     DeepSpeed's FusedAdam on CUDA, else torch AdamW; "adamw" is torch's; "deepspeed_cpu_adam" is
     DeepSpeed's vectorised CPU Adam (JIT-compiled once). Returns (optimizer, its name)."""
     t = cfg.train
-    kwargs = dict(lr=t.lr, betas=t.betas, eps=1e-8)
+    for group in groups:
+        group["lr"] = t.lr * group["lr_scale"]
+    kwargs = dict(lr=t.lr, betas=t.betas, eps=t.adam_eps)
     if t.optimizer == "deepspeed_cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -184,14 +204,29 @@ def build_optimizer(cfg: RunConfig, groups: list[dict], device: torch.device) ->
     return torch.optim.AdamW(groups, **kwargs), "torch_adamw"
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of the base LR for optimizer step ``step`` (0-based):
-    ``(step + 1) / warmup`` during warmup, then ``min + (1 - min) * (1 + cos(pi * p)) / 2`` with
-    ``p = (step - warmup) / (total - warmup)`` going 0 -> 1."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """Multiplier of every group's peak LR (``train.lr * lr_scale``) for optimizer step ``step`` (0-based),
+    by ``train.schedule``. Warm-up: ``(step + 1) / warmup`` for ``train.warmup_steps`` steps (tri_stage:
+    the first ``tri_stage[0]`` of the steps, then a hold at 1 for the next ``tri_stage[1]``). Then,
+    with ``p`` going 0 -> 1 over the remaining steps and ``floor = min_lr_ratio``: cosine
+    ``floor + (1 - floor) (1 + cos(pi p)) / 2``, linear ``1 - (1 - floor) p``, constant 1, tri_stage
+    ``floor ** p`` (exponential decay)."""
+    if t.schedule == "tri_stage":
+        warmup = round(t.tri_stage[0] * t.steps)
+        decay_from = warmup + round(t.tri_stage[1] * t.steps)
+    else:
+        warmup = decay_from = t.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if t.schedule == "constant" or step < decay_from:
+        return 1.0
+    progress = min(1.0, (step - decay_from) / max(1, t.steps - decay_from))
+    floor = t.min_lr_ratio
+    if t.schedule == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if t.schedule == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor ** progress
 
 
 def deepspeed_config(cfg: RunConfig, precision: str, world_size: int) -> dict:
@@ -205,7 +240,7 @@ def deepspeed_config(cfg: RunConfig, precision: str, world_size: int) -> dict:
         # [1]-shaped coefficient fails on 0-dim gradients (a learnable temperature): clip in
         # Engine.train_micro_batch instead. The ZeRO and fp16/bf16 optimizers clip flat buffers.
         "gradient_clipping": 0.0 if trainer_clips(cfg, precision) else t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": t.zero_stage, **zero3_buckets(cfg)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -218,6 +253,19 @@ def deepspeed_config(cfg: RunConfig, precision: str, world_size: int) -> dict:
     if t.deepspeed is not None:
         config = merge_user_deepspeed(config, t.deepspeed, cfg, precision, world_size)
     return config
+
+
+def zero3_buckets(cfg: RunConfig) -> dict:
+    """ZeRO-3 buffer sizes from the model width h, as the Hugging Face integration's "auto" values:
+    reduce bucket h², prefetch bucket 0.9 h², parameters under 10 h elements kept whole. DeepSpeed's
+    defaults (5e8-element reduce bucket, 5e7 prefetch) are sized for billions of parameters: at ALBEF
+    base size (210M) they cost 2 GB more per rank than the whole partitioned model state in fp32
+    (bench/bench_zero_memory.py). ``train.deepspeed`` overrides any of them. Empty below stage 3."""
+    if cfg.train.zero_stage != 3:
+        return {}
+    width = max(cfg.model.vision_width, cfg.model.text_width)
+    return {"reduce_bucket_size": width * width, "stage3_prefetch_bucket_size": int(0.9 * width * width),
+            "stage3_param_persistence_threshold": 10 * width}
 
 
 def _fastvl_decides(cfg: RunConfig, precision: str, world_size: int) -> dict[tuple[str, ...], tuple[str, object]]:
@@ -315,7 +363,9 @@ class Engine:
         return outputs, boundary and self.ds.was_step_applied()
 
     def lr(self) -> float:
-        return float(self.ds.get_lr()[0])
+        """This step's ``train.lr`` times the schedule (a group's LR without its ``lr_scale``)."""
+        group = self.ds.optimizer.param_groups[0]
+        return float(group["lr"]) / group.get("lr_scale", 1.0)
 
 
 def build_engine(cfg: RunConfig, recipe: nn.Module, world_size: int, device: torch.device) -> Engine:
@@ -325,12 +375,16 @@ def build_engine(cfg: RunConfig, recipe: nn.Module, world_size: int, device: tor
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.zero_stage == 3:
         check_zero3_support(recipe)
+        for reader, param in zero3_external_parameters(recipe):
+            deepspeed.zero.register_external_parameter(reader, param)
     warn_single_process_zero(cfg, world_size)
+    if device.type == "cpu" and cfg.train.keep_host_memory:
+        keep_freed_host_memory()
     recipe.to(device)
-    optimizer, optimizer_name = build_optimizer(cfg, parameter_groups(recipe, cfg.train.weight_decay), device)
     t = cfg.train
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, t.warmup_steps, t.steps, t.min_lr_ratio))
+    optimizer, optimizer_name = build_optimizer(cfg, parameter_groups(recipe, t.weight_decay, t.param_groups), device)
+    optimizer.register_load_state_dict_post_hook(widen_scalar_optimizer_state)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
     config = deepspeed_config(cfg, precision, world_size)
     with _broadcast_before_initialize(recipe):
         ds, _, _, _ = deepspeed.initialize(model=recipe, optimizer=optimizer, lr_scheduler=schedule, config=config)
@@ -372,23 +426,47 @@ def _broadcast_before_initialize(module: nn.Module):
 
 
 def check_zero3_support(recipe: nn.Module) -> None:
-    """ZeRO-3 partitions every parameter and gathers it only around submodule forwards. Refuse, with
-    the reason, when that cannot work:
-
-    - 0-dim parameters (DeepSpeed 0.19.8's ZeRO-3 init views each parameter as bytes, which a 0-dim
-      tensor cannot do): hold scalars such as a temperature as shape [1];
-    - a recipe that reads parameters outside forwards (an EMA update of a teacher, ...) and says so
-      with ``supports_zero3 = False``.
-    Recipes that only touch parameters inside forwards (ALBEF's encoders, heads and temperature) run
-    under stage 3 with the same losses as stage 0 (tested)."""
+    """ZeRO-3 partitions every parameter; DeepSpeed 0.19.8 views each one as bytes to do so, which a
+    0-dim tensor cannot do: refuse 0-dim parameters with the fix (hold scalars such as a temperature
+    as shape [1], ``methods.base.temperature_parameter``). Every built-in recipe passes."""
     scalars = [name for name, p in recipe.named_parameters() if p.dim() == 0]
     if scalars:
         raise ConfigError(
             f"train.zero_stage=3 cannot partition the 0-dim parameter(s) {', '.join(scalars)} of recipe "
             f"{type(recipe).__name__} (DeepSpeed 0.19.8 limitation) — hold them as shape [1], or use "
             f"train.zero_stage 0, 1 or 2")
-    if not getattr(recipe, "supports_zero3", True):
-        raise ConfigError(
-            f"train.zero_stage=3 is not supported by recipe {type(recipe).__name__}: it reads parameters "
-            f"outside module forwards (e.g. an EMA teacher update), which ZeRO-3 leaves partitioned — use "
-            f"train.zero_stage 0, 1 or 2")
+
+
+def widen_scalar_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading an optimizer state: the moments saved 0-dim for a parameter now of shape [1] (a
+    temperature in a ZeRO-0 checkpoint written before it became [1]-shaped) take that shape, so the
+    update's in-place arithmetic does not fail on the old shape (Adam's ``step`` count is 0-dim by
+    design and stays). ZeRO 1-3 keep flat partitions, where both shapes are the same single element."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.shape != (1,):
+                continue
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.dim() == 0:
+                    state[key] = value.reshape(1)
+
+
+def zero3_external_parameters(recipe: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    """What ``build_engine`` registers with ``deepspeed.zero.register_external_parameter`` under ZeRO-3,
+    which gathers a module's own parameters around its forward (and backward) only. Parameters read
+    elsewhere are declared by the modules that hold them, as ``zero3_external_parameters()`` ->
+    [(reader, parameter)]: a tied MLM decoder reading the word embeddings; a bare parameter read by a
+    method the recipe calls, reader None = the recipe itself, whose forward spans the step. Copies held
+    as buffers (EMA teachers, a frozen saliency teacher) declare nothing: buffers are never partitioned.
+
+    (DeepSpeed 0.19.8 also discovers such reads by itself inside ``engine(batch)``, but only there: the
+    declarations also hold for forwards run outside the engine, and the tests check that discovery
+    finds nothing beyond them.)"""
+    pairs = []
+    for module in recipe.modules():
+        declared = getattr(module, "zero3_external_parameters", None)
+        if callable(declared):
+            pairs += [(recipe if reader is None else reader, param) for reader, param in declared()
+                      if isinstance(param, nn.Parameter)]
+    return pairs

@@ -57,9 +57,14 @@ def test_parameter_groups_decay_only_weight_matrices():
                                                           "norm.bias", "temperature"}
 
 
+def _train_cfg(*overrides: str):
+    return load_config(None, list(overrides)).train
+
+
 def test_lr_factor_warmup_then_cosine_to_floor():
     warmup, total, floor = 10, 110, 0.05
-    factors = [lr_factor(s, warmup, total, floor) for s in range(total + 5)]
+    t = _train_cfg(f"train.warmup_steps={warmup}", f"train.steps={total}", f"train.min_lr_ratio={floor}")
+    factors = [lr_factor(s, t) for s in range(total + 5)]
     assert factors[0] == pytest.approx(0.1) and factors[warmup - 1] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(factors[:warmup - 1], factors[1:warmup]))
     assert factors[warmup] == pytest.approx(1.0)
@@ -67,6 +72,53 @@ def test_lr_factor_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(after, after[1:]))
     assert factors[warmup + 50] == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert factors[total] == pytest.approx(floor) and factors[-1] == pytest.approx(floor)
+
+
+def test_lr_factor_linear_and_constant_after_the_same_warmup():
+    common = ["train.warmup_steps=4", "train.steps=24", "train.min_lr_ratio=0.1"]
+    linear = [lr_factor(s, _train_cfg(*common, "train.schedule=linear")) for s in range(30)]
+    constant = [lr_factor(s, _train_cfg(*common, "train.schedule=constant")) for s in range(30)]
+    assert linear[:4] == constant[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert linear[4:25] == pytest.approx([1.0 - 0.9 * k / 20 for k in range(21)])  # a straight line to 0.1
+    assert linear[29] == pytest.approx(0.1)
+    assert constant[4:] == [1.0] * 26
+
+
+def test_lr_factor_tri_stage_warms_holds_and_decays_exponentially():
+    t = _train_cfg("train.schedule=tri_stage", "train.tri_stage=[0.1,0.8,0.1]", "train.steps=100",
+                   "train.min_lr_ratio=0.01", "train.warmup_steps=55")  # warmup_steps is not tri_stage's
+    factors = [lr_factor(s, t) for s in range(101)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10:90] == [1.0] * 80
+    assert factors[90:101] == pytest.approx([0.01 ** (k / 10) for k in range(11)])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.schedule=step", "train.schedule must be one of"),
+    ("train.tri_stage=[0.1,0.8,0.2]", "summing to 1"),
+    ("train.param_groups=[{\"params\":\"a.*\",\"lr\":1}]", "unknown key"),
+    ("train.param_groups=[{\"lr_scale\":0.1}]", "params must be"),
+    ("train.param_groups=[{\"params\":\"a.*\",\"lr_scale\":0}]", "lr_scale must be a positive"),
+    ("train.adam_eps=0", "adam_eps"),
+])
+def test_schedule_and_param_group_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_param_group_rules_set_lr_scale_and_decay_first_match_wins():
+    model = _Model()
+    rules = _train_cfg('train.param_groups=[{"params": ["linear.*", "embed.*"], "lr_scale": 0.1, "weight_decay": 0.5},'
+                       ' {"params": "linear.weight", "lr_scale": 7}]').param_groups
+    with pytest.raises(ConfigError, match=r"param_groups\[1\] matches no trainable parameter of _Model.*top-level modules: embed, linear, norm"):
+        parameter_groups(model, 0.02, rules)
+    rules = rules[:1]
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [({names[id(p)] for p in g["params"]}, g["weight_decay"], g["lr_scale"])
+              for g in parameter_groups(model, 0.02, rules)]
+    assert groups == [({"pos_embed", "norm.weight", "norm.bias", "temperature"}, 0.0, 1.0),
+                      ({"linear.weight"}, 0.5, 0.1),
+                      ({"linear.bias", "embed.weight"}, 0.0, 0.1)]
 
 
 def test_deepspeed_config_batch_accumulation_clipping_precision():
@@ -83,17 +135,7 @@ def test_deepspeed_config_batch_accumulation_clipping_precision():
     assert deepspeed_config(stage0, "fp32", world_size=1)["gradient_clipping"] == 0.0
 
 
-def test_zero3_refuses_scalar_parameters_and_opted_out_recipes():
+def test_zero3_refuses_scalar_parameters():
     with pytest.raises(ConfigError, match=r"zero_stage=3 cannot partition the 0-dim parameter\(s\) temperature"):
         check_zero3_support(_Model())
-
-    class OptedOut(nn.Module):
-        supports_zero3 = False
-
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(2, 2)
-
-    with pytest.raises(ConfigError, match=r"zero_stage=3 is not supported by recipe OptedOut"):
-        check_zero3_support(OptedOut())
     check_zero3_support(nn.Linear(2, 2))  # nothing to refuse

@@ -78,6 +78,41 @@ def test_stand_in_resume_is_exact(tmp_path, zero_stage, precision):
     assert [(r["loss"], r["lr"]) for r in rows_a] == [(r["loss"], r["lr"]) for r in rows_b]
 
 
+def test_param_groups_and_schedule_reach_the_optimizer_and_resume(tmp_path, monkeypatch):
+    """The optimizer's groups carry lr * lr_scale * the schedule at every step, and a run resumed from
+    its step-4 checkpoint sees the same group settings as a straight one."""
+    from fastvl.train.engine import Engine, lr_factor
+
+    seen = []
+    original = Engine.train_micro_batch
+
+    def recording(self, batch, micro):
+        seen.append([(round(g["lr"], 12), g["lr_scale"], g["weight_decay"], len(g["params"]))
+                     for g in self.ds.optimizer.param_groups])
+        return original(self, batch, micro)
+
+    monkeypatch.setattr(Engine, "train_micro_batch", recording)
+    common = ["train.steps=8", "train.save_every=4", "train.schedule=linear", "train.min_lr_ratio=0.25",
+              'train.param_groups=[{"params": "decoder.*", "lr_scale": 0.1, "weight_decay": 0.3}]']
+    runs = {}
+    for name, stops in (("straight", [None]), ("resumed", [4, None])):
+        (tmp_path / name).mkdir()
+        cfg = stand_in_config(tmp_path / name, *common)
+        seen.clear()
+        for stop in stops:
+            _stand_in(cfg, stop_at=stop)
+        runs[name] = list(seen)
+    assert runs["straight"] == runs["resumed"] and len(runs["straight"]) == 8
+    t = cfg.train
+    for step, groups in enumerate(runs["straight"]):
+        lr = t.lr * lr_factor(step, t)
+        # unmatched matrices, unmatched no-decay params, the decoder's weight, the decoder's bias
+        assert groups == [(round(lr, 12), 1.0, t.weight_decay, 1), (round(lr, 12), 1.0, 0.0, 5),
+                          (round(lr * 0.1, 12), 0.1, 0.3, 1), (round(lr * 0.1, 12), 0.1, 0.0, 1)]
+    rows = read_metrics(tmp_path / "straight" / "run" / "metrics.jsonl")
+    assert [r["lr"] for r in rows] == pytest.approx([t.lr * lr_factor(s, t) for s in range(8)])
+
+
 def test_gradient_accumulation_matches_the_large_batch(tmp_path):
     """2 micro-batches of 4 accumulate to the update of one batch of 8 (a per-sample loss only:
     the contrastive loss depends on the batch composition)."""
@@ -110,16 +145,6 @@ def test_zero3_runs_and_matches_zero0(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the real tiny ALBEF on the built-in data
 
-
-@pytest.fixture
-def single_thread():
-    """Bit-for-bit comparisons need reproducible kernels: on 2 threads some torch CPU backward kernels
-    are not (measured: the tiny ViT's gradients differ in the last bits in ~1 of 15 identical backward
-    passes, starting at its final LayerNorm; never on 1 thread in 60)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_albef_resume_20_steps_equals_10_resume_10(synth_data, tmp_path, single_thread):
