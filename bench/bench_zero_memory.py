@@ -15,7 +15,8 @@ Per stage and rank:
 
 Each stage runs in fresh processes (a process's peak cannot be reset reliably after a larger stage),
 on a fixed random batch of ``data.batch_size`` samples per rank, in fp32 unless ``--set`` says
-otherwise. ZeRO-3 runs with DeepSpeed's defaults (parameters under 100k elements stay whole). Prints a
+otherwise. ZeRO-3 runs with the bucket sizes fastvl derives from the model width
+(``fastvl.train.engine.zero3_buckets``) unless ``--set train.deepspeed=...`` overrides them. Prints a
 table and one JSON row per stage and rank, appended to bench/results/zero_memory.jsonl.
 """
 from __future__ import annotations
