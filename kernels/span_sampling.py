@@ -100,14 +100,14 @@ def quota_counts(lengths: Tensor, quota, n_cols: int) -> Tensor:
     return torch.minimum(counts, lengths)
 
 
-def _clean_start_weights(start_probs: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
+def clean_start_weights(start_probs: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
     """``w_j = p_j`` where finite, > 0 and valid, else 0 (differentiable where kept)."""
     p = start_probs.to(dtype)
     keep = valid & torch.isfinite(p) & (p > 0)
     return torch.where(keep, p, torch.zeros((), dtype=dtype, device=p.device))
 
 
-def _xlogx(x: Tensor) -> Tensor:
+def xlogx(x: Tensor) -> Tensor:
     """``x log x`` with ``0 log 0 = 0`` and a finite gradient at 0 (``log(tiny)``)."""
     return x * torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
 
@@ -116,8 +116,8 @@ def _safe_log(x: Tensor) -> Tensor:
     return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
 
 
-def _bernoulli_entropy(s: Tensor) -> Tensor:
-    return -(_xlogx(s) + _xlogx(1 - s))
+def bernoulli_entropy(s: Tensor) -> Tensor:
+    return -(xlogx(s) + xlogx(1 - s))
 
 
 def _check_inputs(start_probs, cont_probs, lengths, order_scores, order):
@@ -162,7 +162,7 @@ def _reference_impl(start_probs, cont_probs, lengths, counts, order_scores, seed
     lengths = lengths.to(dev, torch.int64).clamp(0, L)
     counts = torch.minimum(counts.to(dev, torch.int64).clamp(min=0), lengths)
     valid = pos < lengths[:, None]
-    w = _clean_start_weights(start_probs, valid, torch.float32)
+    w = clean_start_weights(start_probs, valid, torch.float32)
     xlogx_w = torch.special.xlogy(w, w)
     s = torch.nan_to_num(cont_probs.float(), nan=0.0).clamp(0.0, 1.0)
     gen = torch.Generator(device=dev)
@@ -188,7 +188,7 @@ def _reference_impl(start_probs, cont_probs, lengths, counts, order_scores, seed
         extend = extending & (u < s_cur)
         s64 = s_cur.double()
         log_prob += torch.where(extending, torch.where(extend, torch.log(s64), torch.log1p(-s64)), 0.0)
-        entropy += torch.where(extending, _bernoulli_entropy(s64), 0.0)
+        entropy += torch.where(extending, bernoulli_entropy(s64), 0.0)
 
         # Start decision: inverse CDF of the renormalised weights over the available positions.
         avail = valid & (span_id == 0)
@@ -547,13 +547,13 @@ def span_action_log_prob(
     taken = (sid > 0) & (prev == sid)
     refused = valid & (prev > 0) & (prev != sid) & (prev != n_spans[:, None]) & ((sid == 0) | (sid > prev))
     log_prob = torch.where(taken, _safe_log(s), zero).sum(1) + torch.where(refused, _safe_log(1 - s), zero).sum(1)
-    entropy = torch.where(taken | refused, _bernoulli_entropy(s), zero).sum(1)
+    entropy = torch.where(taken | refused, bernoulli_entropy(s), zero).sum(1)
 
     # Start decisions: per-span sums by scatter_add over span ids (column 0 = never-masked tokens).
-    w = _clean_start_weights(start_probs, valid, dtype)
+    w = clean_start_weights(start_probs, valid, dtype)
     per_span = torch.zeros(B, L + 1, dtype=dtype, device=dev)
     mass = per_span.scatter_add(1, sid, w)
-    xlx = per_span.scatter_add(1, sid, torch.where(valid, _xlogx(w), zero))
+    xlx = per_span.scatter_add(1, sid, torch.where(valid, xlogx(w), zero))
     count = per_span.scatter_add(1, sid, valid.to(dtype))
     start_w = per_span.scatter_add(1, torch.where(is_start, sid, 0), torch.where(is_start, w, zero))[:, 1:]
 

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvl_kernels import SpanSample, sample_spans, span_action_log_prob, value_weighted_topk_reward
-from fastvl_kernels.span_sampling import quota_counts
+from fastvl_kernels.span_sampling import bernoulli_entropy, clean_start_weights, quota_counts, xlogx
 
 from ..config import ConfigError, RunConfig
 from ..dist import rank_and_world
@@ -618,7 +618,7 @@ class CurriculumMasking(nn.Module):
             conts.append(s)
             active = (span_id > 0).sum(1) < counts
             free = valid & (span_id == 0)
-            weights = torch.where(free, _clean(p), 0.0)
+            weights = clean_start_weights(p, free, p.dtype)
             weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, free.float())  # the kernel's guard
             weights[~active] = 1.0  # finished rows draw a dummy start, never written
             start = torch.multinomial(weights, 1, generator=generator).squeeze(1)
@@ -675,7 +675,7 @@ class CurriculumMasking(nn.Module):
         p, s = torch.stack(starts).float(), torch.stack(conts).float().nan_to_num(0.0).clamp(0.0, 1.0)  # [K, B, L]
         span = torch.arange(1, p.shape[0] + 1, device=device)[:, None, None]  # pass k draws span k
         free = valid & ((sid == 0) | (sid >= span))  # [K, B, L]
-        weights = torch.where(free, _clean(p), 0.0)
+        weights = clean_start_weights(p, free, p.dtype)
         uniform = weights.sum(-1, keepdim=True) <= 0
         weights = torch.where(uniform, free.float(), weights)
         total = weights.sum(-1)
@@ -684,7 +684,7 @@ class CurriculumMasking(nn.Module):
         start_weight = torch.where(is_start & (sid == span), weights, 0.0).sum(-1)
         safe_total = torch.where(drawn, total, 1.0)
         log_prob = torch.where(drawn, torch.log(start_weight.clamp_min(1e-38)) - torch.log(safe_total), 0.0).sum(0)
-        entropy = torch.where(drawn, torch.log(safe_total) - (_xlogx(weights)).sum(-1) / safe_total, 0.0).sum(0)
+        entropy = torch.where(drawn, torch.log(safe_total) - xlogx(weights).sum(-1) / safe_total, 0.0).sum(0)
         # extension decisions, each with the s of the pass that drew its span
         prev = F.pad(sid, (1, 0))[:, :n_cols]
         taken = (sid > 0) & (prev == sid)
@@ -693,7 +693,7 @@ class CurriculumMasking(nn.Module):
         s_used = s.gather(0, drawing.unsqueeze(0)).squeeze(0)
         log_prob = log_prob + torch.where(taken, torch.log(s_used.clamp_min(1e-38)), 0.0).sum(1) + \
             torch.where(refused, torch.log((1 - s_used).clamp_min(1e-38)), 0.0).sum(1)
-        entropy = entropy + torch.where(taken | refused, -(_xlogx(s_used) + _xlogx(1 - s_used)), 0.0).sum(1)
+        entropy = entropy + torch.where(taken | refused, bernoulli_entropy(s_used), 0.0).sum(1)
         if o.order in ("learned", "random"):  # the order's terms: the full log-prob less the spans' ones
             last_p, last_s = p[-1], s[-1]
             ordered = span_action_log_prob(last_p, last_s, lengths, o.quota, sample, order_scores=order_scores,
@@ -1035,15 +1035,6 @@ class CurriculumMasking(nn.Module):
 def _tags(word_mask: torch.Tensor) -> torch.Tensor:
     """[B, L-1] word columns -> [B, L] caption columns ([CLS] never tagged)."""
     return F.pad(word_mask, (1, 0))
-
-
-def _clean(p: torch.Tensor) -> torch.Tensor:
-    """Start weights as ``sample_spans`` reads them: finite and > 0, else 0."""
-    return torch.where(torch.isfinite(p) & (p > 0), p, 0.0)
-
-
-def _xlogx(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.log(x.clamp_min(1e-38))
 
 
 def _order_steps(span_id: torch.Tensor, order_scores: Optional[torch.Tensor], order: str,

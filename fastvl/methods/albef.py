@@ -152,6 +152,8 @@ class MomentumTargets:
 
 class Albef(Recipe):
     default_losses = {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
+    pending_keys: Optional[MomentumKeys] = None
+    """This training forward's momentum keys, enqueued once its backward has run (``defer_enqueue``)."""
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
@@ -167,7 +169,6 @@ class Albef(Recipe):
             self.register_buffer("image_queue", nn.functional.normalize(torch.randn(o.queue_size, embed_dim), dim=-1))
             self.register_buffer("text_queue", nn.functional.normalize(torch.randn(o.queue_size, embed_dim), dim=-1))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.pending_keys: Optional[MomentumKeys] = None
 
     # -- momentum distillation ------------------------------------------------------------------
 
@@ -209,7 +210,7 @@ class Albef(Recipe):
         self.pending_keys = keys
 
     def enqueue_pending(self) -> None:
-        keys, self.pending_keys = getattr(self, "pending_keys", None), None
+        keys, self.pending_keys = self.pending_keys, None
         if keys is not None:
             self.enqueue(keys)
 

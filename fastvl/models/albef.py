@@ -115,7 +115,7 @@ class AlbefModel(ObservableModel):
 
     def zero3_external_parameters(self) -> list[tuple[Optional[nn.Module], nn.Parameter]]:
         """(reader, parameter) pairs of parameters read outside their own module's forward, for ZeRO-3
-        (``engine.register_zero3_external_parameters`` passes each to
+        (``train.engine.build_engine`` passes each to
         ``deepspeed.zero.register_external_parameter``, so it is gathered for the reader's forward and
         backward). Here the MLM head's forward reads the word-embedding matrix (the tied decoder). A
         reader of None means the recipe's own forward (a parameter read by a method, not a forward)."""
