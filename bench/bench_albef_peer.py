@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from bench.harness import sync_device
+
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = REPO.parent / "shared" / "peer" / "lavis_step.py"
 FASTVL_CONFIG = "configs/base_albef.json"
@@ -121,8 +123,10 @@ def run_fastvl(args) -> None:
         step()
     times = []
     for i in range(args.steps):
+        sync_device()
         t = time.perf_counter()
         step()
+        sync_device()
         times.append(time.perf_counter() - t)
         print(f"step {i}: {times[-1]:.3f}s", flush=True)
     print(f"per_step_s {' '.join(f'{x:.3f}' for x in times)}")

@@ -103,8 +103,7 @@ def make_flex(kind, step, batch, seq_len):
     rule = encode_rule(kind, step)
 
     def mask_mod(b, h, q_idx, kv_idx):  # the kernels' rule, attention-gym style
-        return ((rule.key_req[b, kv_idx] <= rule.query_thr[b, q_idx])
-                | (rule.key_pid[b, kv_idx] == rule.query_pid[b, q_idx]))
+        return rule.visible(b, q_idx, kv_idx)
 
     block_mask = create_block_mask(mask_mod, batch, None, seq_len, seq_len, device="cpu")
     return torch.compile(flex_attention), block_mask

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from bench.harness import machine, save_rows
+from bench.harness import machine, save_rows, sync_device
 
 DEFAULTS = ["data.batch_size=2", "train.precision=fp32", "data.num_workers=0", "train.save_every=0",
             "train.resume=false"]
@@ -90,10 +90,12 @@ def _rank_worker(rank: int, world: int, port: int, config: str, overrides: list[
         engine = build_engine(cfg, build_method(cfg), world, device)
         batch = to_engine(random_batch(cfg, text_len), engine)
         engine.recipe.train()
+        sync_device()
         started = time.perf_counter()
         for step in range(1, steps + 1):
             _, applied = engine.train_micro_batch(batch, 0)
             engine.recipe.after_step(step, applied)
+        sync_device()
         seconds = (time.perf_counter() - started) / steps
         gc.collect()
         out.put({"rank": rank, "tensors_gb": live_tensor_bytes() / 1e9, "peak_gb": peak_bytes(device) / 1e9,

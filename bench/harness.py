@@ -18,19 +18,38 @@ from typing import Callable
 import torch
 
 
+def cuda_in_use() -> bool:
+    """Whether this process has work on a CUDA device (CUDA present and initialised)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def sync_device() -> None:
+    """Wait for every queued CUDA kernel (no-op when CUDA is not in use). Call it before reading a host
+    clock around GPU work: kernels run asynchronously, so without it the clock times their launches."""
+    if cuda_in_use():
+        torch.cuda.synchronize()
+
+
 def time_ms(fn: Callable[[], object], warmup: int = 2, reps: int = 10) -> dict:
-    """Wall time of ``fn()`` in milliseconds: median and 20th/80th percentiles over ``reps`` runs."""
+    """Time of ``fn()`` in milliseconds: median and 20th/80th percentiles over ``reps`` runs. With CUDA
+    in use, each run is timed with CUDA events recorded after a full synchronisation (so earlier work
+    is not counted) and read after the end event completed; otherwise by the host clock."""
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(reps):
-        if torch.cuda.is_available():
+        if cuda_in_use():
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        samples.append((time.perf_counter() - t0) * 1e3)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
     return _summary(samples, "ms")
 
 
@@ -77,7 +96,9 @@ class CallMeter:
     where a run's time and arithmetic go. ``targets`` are ``module:Qualified.name`` (a function or a
     method), patched where named (a function imported by name elsewhere must be named there); nested
     calls count in both. ``wrap(label, fn, skip)`` times the calls made during ``fn()`` after its first
-    ``skip`` calls (the warm-up); on CUDA it times launches unless the function synchronizes.
+    ``skip`` calls (the warm-up). With CUDA in use each timed call is bracketed by synchronisations, so
+    it is charged its GPU work, not its launches -- which also serialises work that would otherwise
+    overlap (a side stream), so step times measured while metering are not the overlapped ones.
     ``count_flops(label, fn)`` runs ``fn()`` once under torch's ``FlopCounterMode``."""
 
     def __init__(self, targets: list[str]):
@@ -103,11 +124,14 @@ class CallMeter:
             if self.active is None:
                 return fn(*args, **kwargs)
             label, counter = self.active, self.counter
+            if counter is None:
+                sync_device()
             start = time.perf_counter() if counter is None else counter.get_total_flops()
             try:
                 return fn(*args, **kwargs)
             finally:
                 if counter is None:
+                    sync_device()
                     per_target = self.ms.setdefault(label, {})
                     per_target[target] = per_target.get(target, 0.0) + (time.perf_counter() - start) * 1e3
                 else:

@@ -3,6 +3,9 @@
 - ``value_weighted_topk_reward``: C-Mask's cross-modal reward (eq. 4) per query row, [B, H, T].
 - ``sample_spans``: C-Mask's span-mask and factorization-order sampling (eq. 2) with log-probs.
 - ``permutation_attention``: attention under the generalized-LM kind/step rule, mask built on the fly.
+  ``encode_rule`` turns kind/step into the per-token codes every implementation reads (the one
+  definition of the rule; ``EncodedRule.visible`` / ``.dense``); ``permutation_mask`` is the rule
+  written out directly, the oracle the tests compare against.
 
 Each has a PyTorch reference (``*_reference``), a Triton kernel (CUDA) and a C++ kernel (CPU, from
 csrc/), chosen by ``impl="auto"``.
@@ -23,6 +26,8 @@ else:
         CONTEXT,
         ORIGINAL,
         PSEUDO,
+        EncodedRule,
+        encode_rule,
         permutation_attention,
         permutation_attention_reference,
         permutation_mask,
@@ -35,6 +40,8 @@ else:
         "CONTEXT",
         "ORIGINAL",
         "PSEUDO",
+        "EncodedRule",
+        "encode_rule",
         "permutation_attention",
         "permutation_attention_reference",
         "permutation_mask",

@@ -134,6 +134,23 @@ class EncodedRule:
     NO_KEY_PID = -BIG - 2
     NO_QUERY_PID = -BIG - 3
 
+    def visible(self, b: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        """Whether query ``i`` of sequence ``b`` may attend key ``j`` (index tensors, broadcasting).
+
+        The one comparison of the codes written in PyTorch: the dense masks (:meth:`dense`, the SDPA
+        path, fastvl's eager/sdpa/xformers backends) and fastvl's FlexAttention ``mask_mod`` call it;
+        the Triton kernel makes the same comparison on the same codes. Indexing and comparisons only,
+        so it is a valid ``mask_mod`` body (``visible(b, q_idx, kv_idx)``)."""
+        return (self.key_req[b, j] <= self.query_thr[b, i]) | (self.key_pid[b, j] == self.query_pid[b, i])
+
+    def dense(self) -> Tensor:
+        """The rule as a dense [B, L, L] bool mask, True = visible (:meth:`visible` at every pair)."""
+        batch, seq_len = self.key_req.shape
+        device = self.key_req.device
+        b = torch.arange(batch, device=device)[:, None, None]
+        positions = torch.arange(seq_len, device=device)
+        return self.visible(b, positions[None, :, None], positions[None, None, :])
+
     def block_summaries(self, block: int, keys: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per block of ``block`` tokens, [B, ceil(L / block)] int32 each: ``(lo, hi, pid_lo, pid_hi)``
         -- min/max of key_req (keys) or query_thr (queries), and min/max of the real pseudo ids
@@ -241,9 +258,7 @@ class _DenseMaskCache:
         key = (tuple((id(t), t._version) for t in inputs), dtype)
         if self._key == key and all(ref() is t for ref, t in zip(self._refs, inputs)):
             return self._mask
-        rule = encode_rule(kind, step, key_padding_mask)
-        visible = ((rule.key_req[:, None, :] <= rule.query_thr[:, :, None])
-                   | (rule.key_pid[:, None, :] == rule.query_pid[:, :, None]))
+        visible = encode_rule(kind, step, key_padding_mask).dense()
         mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
         self._key, self._refs, self._mask = key, tuple(weakref.ref(t) for t in inputs), mask[:, None]
         return self._mask

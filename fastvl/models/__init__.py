@@ -15,8 +15,8 @@ from .attention import (
     AttentionBackendError,
     ObservedAttention,
     attention,
+    flex_block_mask,
     permutation_dense_mask,
-    permutation_visible,
     set_attention_backend,
 )
 from .bert import TextEncoder
@@ -32,8 +32,8 @@ __all__ = [
     "AttentionBackendError",
     "ObservedAttention",
     "attention",
+    "flex_block_mask",
     "permutation_dense_mask",
-    "permutation_visible",
     "set_attention_backend",
     "TextEncoder",
     "FusionEncoder",

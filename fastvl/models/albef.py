@@ -15,7 +15,7 @@ attn_mask=None, kind=None, step=None)``
 =====================================================================  =====================================
 
 ``kind``/``step`` [B, L] apply C-Mask's generalized-LM rule to the text self-attention of the text and
-fusion encoders (see ``attention.permutation_visible``); cross-attention to the image is unrestricted
+fusion encoders (see ``fastvl_kernels.perm_attention``); cross-attention to the image is unrestricted
 apart from ``image_mask``. ``set_observer(fn)`` installs ``fn(name, q, k, v, key_padding_mask)`` on
 every attention module; names are the modules' paths, e.g. ``text_encoder.encoder.layer.0.attention.self``,
 ``fusion_encoder.encoder.layer.1.crossattention.self``, ``vision_encoder.blocks.3.attn``.

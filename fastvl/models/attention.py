@@ -15,8 +15,13 @@ Visibility is the AND of three optional masks:
 - ``key_padding_mask`` [B, Lk] bool, True = real token (padding keys are hidden from every query);
 - ``attn_mask`` [B or 1, 1 or H, Lq, Lk] bool, True = may attend;
 - ``kind``/``step`` [B, L] ints (self-attention only, Lq == Lk == L): the generalized-LM
-  (permutation-order) rule of DESIGN.md, see ``permutation_visible``. Image tokens and ordinary text
-  are CONTEXT; with all tokens CONTEXT the rule is plain bidirectional attention.
+  (permutation-order) rule of DESIGN.md. Image tokens and ordinary text are CONTEXT; with all tokens
+  CONTEXT the rule is plain bidirectional attention. The rule has one definition, in the kernels
+  package: ``fastvl_kernels.encode_rule`` turns kind/step into four codes per token and
+  ``EncodedRule.visible`` compares them. Every backend reads those codes -- the dense masks of
+  eager/sdpa/xformers (``permutation_dense_mask``), flex's ``mask_mod`` and the Triton kernel --
+  and ``fastvl_kernels.permutation_mask``, the rule written out case by case, is the oracle the
+  tests hold them to.
 
 Backends (``backend=``):
 
@@ -25,7 +30,8 @@ eager      matmul + fp32 softmax + matmul; the reference every other backend is 
 sdpa       ``torch.nn.functional.scaled_dot_product_attention`` with a bool mask (no mask when none is
            given, so CUDA can pick its flash kernel).
 flex       FlexAttention with a ``BlockMask`` built from a ``mask_mod`` closing over the masks (the
-           kind/step rule is evaluated per (q, kv) inside the mask, never stored densely by us).
+           kind/step rule's codes are compared per (q, kv) inside the mask, never stored densely by
+           us; ``flex_block_mask``).
            Compiled on CUDA. On CPU it runs the unfused eager path and is **forward-only**: PyTorch has
            no FlexAttention backward on CPU, so calling it on CPU with inputs that require grad (grad
            mode on) raises ``AttentionBackendError`` before any work. No attention dropout.
@@ -63,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvl_kernels
-from fastvl_kernels import CONTEXT, ORIGINAL, PSEUDO
+from fastvl_kernels import CONTEXT, encode_rule
 
 BACKENDS = ("eager", "sdpa", "flex", "xformers", "triton")
 
@@ -78,37 +84,11 @@ class AttentionBackendError(RuntimeError):
 # the permutation (generalized LM) rule
 
 
-def permutation_visible(kind_q: torch.Tensor, step_q: torch.Tensor,
-                        kind_k: torch.Tensor, step_k: torch.Tensor) -> torch.Tensor:
-    """Whether a query (kind_q, step_q) may see a key (kind_k, step_k); elementwise, broadcasting.
-
-    - a CONTEXT key is visible to every query;
-    - the ORIGINAL token of step s is visible to ORIGINAL queries of step >= s and to PSEUDO queries
-      of step > s;
-    - a PSEUDO mask of step s is visible only to PSEUDO queries of the same step s.
-
-    All CONTEXT gives bidirectional attention; ORIGINAL with step = position gives a causal LM; a
-    CONTEXT prefix followed by ORIGINALs with increasing steps gives a prefix LM. Pure tensor ops, so
-    it also serves as a FlexAttention ``mask_mod`` body.
-    """
-    context_key = kind_k == CONTEXT
-    original_key = (kind_k == ORIGINAL) & (
-        ((kind_q == ORIGINAL) & (step_q >= step_k)) | ((kind_q == PSEUDO) & (step_q > step_k))
-    )
-    pseudo_key = (kind_k == PSEUDO) & (kind_q == PSEUDO) & (step_q == step_k)
-    return context_key | original_key | pseudo_key
-
-
 def permutation_dense_mask(kind: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """The kind/step rule as a dense bool mask [B, 1, L, L] (True = may attend).
-
-    Uses ``fastvl_kernels.permutation_mask`` when the kernels package provides it (one definition of
-    the rule for the kernel and the dense backends), else ``permutation_visible``.
-    """
-    if fastvl_kernels.permutation_mask is not None:
-        mask = fastvl_kernels.permutation_mask(kind, step)
-        return mask if mask.dim() == 4 else mask.unsqueeze(1)
-    return permutation_visible(kind[:, :, None], step[:, :, None], kind[:, None, :], step[:, None, :]).unsqueeze(1)
+    """The kind/step rule as a dense bool mask [B, 1, L, L] (True = may attend), from the kernels'
+    encoding (``fastvl_kernels.encode_rule``). Padding is not part of it: callers AND the key padding
+    mask in, so padded query rows still see the real keys (module docstring)."""
+    return encode_rule(kind, step).dense().unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,9 +217,32 @@ class _BlockMaskCache:
 _block_masks = _BlockMaskCache()
 
 
-def _flex(q, k, v, key_padding_mask, attn_mask, kind, step, dropout_p, scale):
+def flex_block_mask(batch: int, heads: int, lq: int, lk: int, device: torch.device, *,
+                    key_padding_mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                    kind: Optional[torch.Tensor] = None, step: Optional[torch.Tensor] = None):
+    """The FlexAttention ``BlockMask`` of these masks: its ``mask_mod`` is
+    the AND of the key padding, ``attn_mask`` and the kind/step rule (``EncodedRule.visible`` on the
+    codes of ``encode_rule``). Per-head only when ``attn_mask`` varies by head."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    mask_heads = heads if (attn_mask is not None and attn_mask.shape[1] > 1) else None
+    full_mask = attn_mask.expand(batch, heads, lq, lk) if attn_mask is not None else None
+    rule = encode_rule(kind, step) if kind is not None else None
+
+    def mask_mod(b_idx, h_idx, q_idx, kv_idx):
+        visible = kv_idx >= 0
+        if key_padding_mask is not None:
+            visible = visible & key_padding_mask[b_idx, kv_idx]
+        if full_mask is not None:
+            visible = visible & full_mask[b_idx, h_idx, q_idx, kv_idx]
+        if rule is not None:
+            visible = visible & rule.visible(b_idx, q_idx, kv_idx)
+        return visible
+
+    return create_block_mask(mask_mod, batch, mask_heads, lq, lk, device=device)
+
+
+def _flex(q, k, v, key_padding_mask, attn_mask, kind, step, dropout_p, scale):
     if dropout_p > 0:
         raise AttentionBackendError("attention backend 'flex' has no attention dropout; set model.dropout=0 "
                                     "or use 'sdpa'/'eager'")
@@ -252,24 +255,10 @@ def _flex(q, k, v, key_padding_mask, attn_mask, kind, step, dropout_p, scale):
     block_mask = None
     if key_padding_mask is not None or attn_mask is not None or kind is not None:
         heads = h if (attn_mask is not None and attn_mask.shape[1] > 1) else None
-
-        def build():
-            full_mask = attn_mask.expand(b, h, lq, lk) if attn_mask is not None else None
-
-            def mask_mod(b_idx, h_idx, q_idx, kv_idx):
-                visible = kv_idx >= 0
-                if key_padding_mask is not None:
-                    visible = visible & key_padding_mask[b_idx, kv_idx]
-                if full_mask is not None:
-                    visible = visible & full_mask[b_idx, h_idx, q_idx, kv_idx]
-                if kind is not None:
-                    visible = visible & permutation_visible(kind[b_idx, q_idx], step[b_idx, q_idx],
-                                                            kind[b_idx, kv_idx], step[b_idx, kv_idx])
-                return visible
-
-            return create_block_mask(mask_mod, b, heads, lq, lk, device=q.device)
-
-        block_mask = _block_masks.get((b, heads, lq, lk, q.device), (key_padding_mask, attn_mask, kind, step), build)
+        block_mask = _block_masks.get(
+            (b, heads, lq, lk, q.device), (key_padding_mask, attn_mask, kind, step),
+            lambda: flex_block_mask(b, h, lq, lk, q.device, key_padding_mask=key_padding_mask,
+                                    attn_mask=attn_mask, kind=kind, step=step))
     flex = _flex_function(q.device)
     with warnings.catch_warnings():
         # on CPU the unfused path is the documented behaviour of this backend, not news per call

@@ -15,9 +15,8 @@ from fastvl.config import ConfigError, load_config
 from fastvl.data.batch import Batch
 from fastvl.masking.curriculum import RewardMeter, episode_return
 from fastvl.methods import build_method
-from fastvl.models.attention import permutation_visible
 from fastvl.objectives.glm import build_glm_inputs
-from fastvl_kernels import CONTEXT, ORIGINAL, PSEUDO, sample_spans
+from fastvl_kernels import CONTEXT, ORIGINAL, PSEUDO, permutation_mask, sample_spans
 from tests.methods.conftest import build_recipe, quick_run, read_rows, recipe_config
 
 CONFIG = "configs/tiny_cmask.json"
@@ -102,7 +101,7 @@ def test_glm_layout_pseudo_masks():
     assert glm.attention_mask[0].tolist() == [True] * 6 + [False] + [True] * 3
     # visibility of pseudo mask for token 11 (step 2): context, the step-1 original (14), its own step's pseudos
     kind, st = glm.kind[0], glm.step[0]
-    visible = permutation_visible(kind[7], st[7], kind, st) & glm.attention_mask[0]
+    visible = permutation_mask(kind[None], st[None])[0, 7] & glm.attention_mask[0]
     assert visible.nonzero().flatten().tolist() == [0, 3, 4, 5, 7, 8]
 
 
@@ -122,7 +121,7 @@ def test_vanilla_mlm_and_left_to_right_are_configurations():
     lm = build_glm_inputs(ids, attn, full_mask, full_step, mask_id=MASK_ID)
     kind, st = lm.kind[0], lm.step[0]
     for row, predicted in zip(range(5, 8), (1, 2, 3)):
-        seen = permutation_visible(kind[row], st[row], kind[:5], st[:5]).nonzero().flatten().tolist()
+        seen = permutation_mask(kind[None], st[None])[0, row, :5].nonzero().flatten().tolist()
         assert seen == [0] + list(range(1, predicted)) + [4]
 
 
@@ -152,7 +151,7 @@ def materialized_layer_rewards(captured, n_image, glm, topk=8):
     kind = torch.cat([torch.full((b, n_image), CONTEXT), glm.kind.long()], 1)
     step = torch.cat([torch.zeros(b, n_image, dtype=torch.long), glm.step.long()], 1)
     real = torch.cat([torch.ones(b, n_image, dtype=torch.bool), glm.attention_mask], 1)
-    visible = permutation_visible(kind[:, :, None], step[:, :, None], kind[:, None, :], step[:, None, :]) & real[:, None, :]
+    visible = permutation_mask(kind, step) & real[:, None, :]
     layers = []
     for q, k, v in captured:
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])

@@ -10,10 +10,10 @@ import fastvl_kernels
 from fastvl.models.attention import (
     AttentionBackendError,
     attention,
+    flex_block_mask,
     permutation_dense_mask,
-    permutation_visible,
 )
-from fastvl_kernels import CONTEXT, ORIGINAL, PSEUDO
+from fastvl_kernels import CONTEXT, ORIGINAL, PSEUDO, permutation_mask
 
 HAS_PERM_KERNEL = fastvl_kernels.permutation_attention is not None
 
@@ -202,25 +202,69 @@ def test_permutation_rule_special_cases():
     assert mask[0].tolist() == [True, False, False, False, False]
 
 
-def test_permutation_visible_matches_oracle_exhaustively():
+def test_encoded_rule_matches_oracle_exhaustively():
+    """Every (query, key) pair of roles, in one sequence holding each (kind, step) once: the dense mask
+    the backends use (from the kernels' encoding) is the rule written out case by case."""
     values = [(kind, step) for kind in (CONTEXT, ORIGINAL, PSEUDO) for step in range(4)]
-    pairs = [(query, key) for query in values for key in values]
-    kq = torch.tensor([query[0] for query, _ in pairs])
-    sq = torch.tensor([query[1] for query, _ in pairs])
-    kk = torch.tensor([key[0] for _, key in pairs])
-    sk = torch.tensor([key[1] for _, key in pairs])
-    got = permutation_visible(kq, sq, kk, sk)
-    want = torch.tensor([rule_oracle(*map(int, t)) for t in zip(kq, sq, kk, sk)])
-    assert torch.equal(got, want)
+    kind = torch.tensor([[kind for kind, _ in values]])
+    step = torch.tensor([[step for _, step in values]])
+    want = torch.tensor([[rule_oracle(*query, *key) for key in values] for query in values])
+    assert torch.equal(permutation_dense_mask(kind, step)[0, 0], want)
+    assert torch.equal(permutation_mask(kind, step)[0], want)
 
 
-@pytest.mark.skipif(fastvl_kernels.permutation_mask is None, reason="fastvl_kernels.permutation_mask not available")
-def test_kernel_package_mask_agrees_with_models_rule():
+def test_dense_mask_is_the_kernel_packages_oracle():
     g = torch.Generator().manual_seed(3)
     kind = torch.randint(0, 3, (3, 11), generator=g, dtype=torch.int32)
     step = torch.randint(0, 5, (3, 11), generator=g, dtype=torch.int32)
-    local = permutation_visible(kind[:, :, None], step[:, :, None], kind[:, None, :], step[:, None, :])
-    assert torch.equal(permutation_dense_mask(kind, step)[:, 0], local)
+    assert torch.equal(permutation_dense_mask(kind, step)[:, 0], permutation_mask(kind, step))
+
+
+def permutation_case(batch: int, heads: int, length: int, dim: int, seed: int):
+    """(q, k, v, kind, step, key_padding_mask) of a C-Mask-like sequence: a CONTEXT prefix (the image),
+    then text tokens of random roles and steps; every row but the first padded at a random length."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g) for _ in range(3))
+    kind = torch.randint(0, 3, (batch, length), generator=g, dtype=torch.int32)
+    kind[:, : max(1, length // 3)] = CONTEXT
+    step = torch.randint(0, 6, (batch, length), generator=g, dtype=torch.int32)
+    real = torch.arange(length)[None, :] < torch.randint(1, length + 1, (batch, 1), generator=g)
+    real[0] = True
+    return q, k, v, kind, step, real
+
+
+FLEX_SHAPES = [(1, 1, 5, 8), (2, 3, 33, 16), (2, 2, 130, 32), (3, 1, 257, 16)]  # L past FlexAttention's 128 blocks
+
+
+@pytest.mark.parametrize("shape", FLEX_SHAPES)
+def test_flex_matches_eager_for_permutation_masks_with_padding(shape):
+    q, k, v, kind, step, real = permutation_case(*shape, seed=sum(shape))
+    masks = {"kind": kind, "step": step, "key_padding_mask": real}
+    with torch.no_grad():
+        out = attention(q, k, v, backend="flex", **masks)
+        torch.testing.assert_close(out, attention(q, k, v, backend="eager", **masks), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", FLEX_SHAPES)
+def test_flex_block_mask_dense_form_is_the_permutation_mask(shape):
+    """The BlockMask flex runs on: its mask_mod evaluated at every pair is ``permutation_mask`` with the
+    padded keys hidden, and its block map lists exactly the (query block, key block) tiles that hold a
+    visible pair (a skipped tile hides nothing visible)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    batch, heads, length, _ = shape
+    _, _, _, kind, step, real = permutation_case(*shape, seed=sum(shape))
+    block_mask = flex_block_mask(batch, heads, length, length, torch.device("cpu"), key_padding_mask=real,
+                                 kind=kind, step=step)
+    want = permutation_mask(kind, step) & real[:, None, :]
+    dense = create_mask(block_mask.mask_mod, batch, 1, length, length, device="cpu")[:, 0]
+    assert torch.equal(dense, want)
+    size = block_mask.BLOCK_SIZE
+    blocks = -(-length // size[0]), -(-length // size[1])
+    padded = torch.zeros(batch, blocks[0] * size[0], blocks[1] * size[1], dtype=torch.bool)
+    padded[:, :length, :length] = want
+    live = padded.view(batch, blocks[0], size[0], blocks[1], size[1]).any(4).any(2)
+    assert torch.equal(block_mask.to_dense()[:, 0].bool(), live)
 
 
 def test_bad_inputs_are_named():
