@@ -47,8 +47,11 @@ demo-scratch: $(STAMP) $(DATA)/train
 	$(BIN)/fastvl eval --checkpoint $(RUN)-scratch --data $(DATA)/heldout
 	$(BIN)/fastvl plot $(RUN) $(RUN)-scratch
 
+# pytest-xdist: one worker per core (each runs one OpenMP thread, tests/conftest.py); a file's tests
+# stay on one worker so its module fixtures (the compile report, trained runs) are made once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_reward

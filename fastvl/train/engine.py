@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def default_extensions_dir() -> str:
     """Where DeepSpeed's JIT-compiled C++ ops are cached: a stable folder next to the interpreter
-    (the venv), so the one-off compile (~1 min for the CPU shared-memory comm op) is paid once."""
+    (the venv), so a one-off compile (e.g. DeepSpeed's CPU Adam under ZeRO-Offload) is paid once."""
     return str(Path(sys.prefix) / "torch_extensions")
 
 
@@ -72,10 +72,10 @@ def init_distributed() -> tuple[int, int, int]:
     from deepspeed.accelerator import get_accelerator
 
     if not dist.is_initialized():
+        skip_inference_only_ops()
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    release_shared_memory_name(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -87,24 +87,15 @@ def init_distributed() -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
-def release_shared_memory_name(rank: int, world: int) -> None:
-    """Unlink this rank's segment of DeepSpeed's CPU shared-memory allreduce, which its CPU accelerator
-    makes when every rank runs on one host (LOCAL_SIZE == world size) and never unlinks: each run would
-    leave one ~69 MB file per rank in /dev/shm until reboot, and repeated runs fill the memory. Every
-    rank maps every segment while the process group starts, so after a barrier the names are no longer
-    needed; the mappings live on until the processes exit. The condition is the same on every rank, so
-    all of them or none reach the barrier."""
-    from deepspeed.accelerator import get_accelerator
+def skip_inference_only_ops() -> None:
+    """Keep DeepSpeed's torch backend from building its shared-memory all-reduce op. Only DeepSpeed's
+    tensor-parallel inference reads it (``inference_all_reduce``); training reduces through
+    torch.distributed. Left alone, every process group start JIT-compiles it once per machine (~1 min
+    on 2 cores, in the middle of the first run) and maps a ~69 MB segment per rank in /dev/shm that
+    DeepSpeed never unlinks, so repeated CPU runs fill the memory."""
+    import deepspeed.ops
 
-    if get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world):
-        return
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def device_for(local_rank: int) -> torch.device:
