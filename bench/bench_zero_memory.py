@@ -27,6 +27,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -41,9 +42,10 @@ def live_tensor_bytes() -> int:
     """Bytes of every distinct tensor storage reachable from Python objects (parameters, gradients,
     optimizer state, buffers, ZeRO's flat partitions)."""
     seen, total = set(), 0
-    for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor) or obj.is_meta:
-            continue
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and not obj.is_meta]
+    for obj in tensors:
         storage = obj.untyped_storage()
         key = (storage.device, storage.data_ptr())
         if storage.data_ptr() and key not in seen:
