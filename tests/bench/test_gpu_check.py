@@ -1,6 +1,6 @@
 """The CPU-side parts of bench/gpu_check.py: the refusal without CUDA, argument parsing, the table, the
-exit status, and the verdicts on a training run's metrics and on kernel errors (the GPU checks
-themselves need a GPU)."""
+exit status, the verdicts on a training run's metrics and on kernel errors, and the train and overlap
+sections' processes run in fp32 on CPU (the kernel, bench and DALI checks need a GPU)."""
 import math
 import re
 import subprocess
@@ -120,3 +120,20 @@ def test_relative_errors_scale_by_the_reference():
         gpu_check.relative_errors({"out": (want + 1.0, want)}, 1e-4)
     with pytest.raises(Failed, match="nan"):
         gpu_check.relative_errors({"out": (torch.full((3,), math.nan), want)}, 1e-4)
+
+
+def test_train_and_overlap_sections_run_their_commands_on_cpu(tmp_path):
+    """The processes the train and overlap sections start (``fastvl.cli train``, ``bench.bench_train_step``)
+    and the parsing of what they write, run here in fp32 on CPU: only the precision differs on a GPU."""
+    ctx = gpu_check.Context(gpu_check.parse_args(["--steps", "8", "--data", str(tmp_path / "none"),
+                                                  "--out", str(tmp_path)]))
+    with pytest.raises(Skip, match="albef fp32 run"):
+        gpu_check.train_method(ctx, "epic", "fp32")  # its saliency teacher has not run yet
+    for method in ("albef", "epic"):
+        detail = gpu_check.train_method(ctx, method, "fp32")
+        assert re.fullmatch(r"loss \d+\.\d{3} -> \d+\.\d{3} \(8 steps\)", detail), detail
+    assert ctx.data() == tmp_path / "synth"  # generated, as --data held no shards
+    ctx.args.steps = 2
+    detail = gpu_check.check_overlap(ctx)
+    assert re.fullmatch(r"step \d+\.\d ms with random masks, \d+\.\d ms with the agent: \d+\.\d\dx "
+                        r"\(95% CI \d+\.\d\d-\d+\.\d\d\)", detail), detail
