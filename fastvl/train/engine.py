@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -36,12 +35,6 @@ from .host_memory import keep_freed_host_memory
 # process group
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def default_extensions_dir() -> str:
     """Where DeepSpeed's JIT-compiled C++ ops are cached: a stable folder next to the interpreter
     (the venv), so a one-off compile (e.g. DeepSpeed's CPU Adam under ZeRO-Offload) is paid once."""
@@ -50,7 +43,8 @@ def default_extensions_dir() -> str:
 
 def setup_environment() -> None:
     """Fill in what a launcher would have set, so plain ``python -m fastvl.train`` is a 1-process run:
-    MASTER_ADDR/MASTER_PORT (a free port), RANK, WORLD_SIZE, LOCAL_RANK; and the extension cache."""
+    MASTER_ADDR/MASTER_PORT (0: any free port), RANK, WORLD_SIZE, LOCAL_RANK; and the extension cache.
+    Several processes need a launcher's MASTER_PORT: torch's rendezvous names it when it is missing."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("RANK", "0")
@@ -58,8 +52,10 @@ def setup_environment() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    if os.environ["WORLD_SIZE"] == "1":
+        # port 0: the store of a 1-process group binds a free port itself. A port found free beforehand
+        # could be taken by another process before the store binds it (seen with parallel test workers).
+        os.environ.setdefault("MASTER_PORT", "0")
 
 
 def init_distributed() -> tuple[int, int, int]:

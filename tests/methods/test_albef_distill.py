@@ -19,7 +19,8 @@ from fastvl.train.checkpoint import CONSOLIDATED, read_weights
 from fastvl.train.loop import train
 from fastvl.train.metrics import read_metrics
 
-from ..train.test_distributed import LAUNCHER, RankOrderedLoader, clean_env, free_port
+from ..train.test_distributed import LAUNCHER, RankOrderedLoader, clean_env
+from ..two_ranks import free_port
 from .conftest import build_recipe, quick_run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -825,7 +825,8 @@ def test_two_process_resume_matches_a_straight_run(synth, tmp_path):
     rank 0's rollout changes the averaged PPO update at step 3, and so step 4's masks and losses)."""
     import subprocess
 
-    from tests.train.test_distributed import LAUNCHER, clean_env, free_port
+    from tests.train.test_distributed import LAUNCHER, clean_env
+    from tests.two_ranks import free_port
 
     if not LAUNCHER.exists():
         pytest.skip("the deepspeed launcher is not installed next to this interpreter")

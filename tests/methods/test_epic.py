@@ -265,15 +265,13 @@ def _rank_worker(rank, port, teacher, out):
 def test_two_ranks_draw_what_one_process_draws(teacher_path):
     """Positions, replacements and L_GEN of 2 gloo ranks with 4 captions each (each padded to its own
     length) equal one process's with all 8."""
-    import socket
-
     import torch.multiprocessing as mp
+
+    from ..two_ranks import free_port
 
     whole = two_rank_batch()
     single = build(teacher_path).corrupt(trimmed(whole, slice(0, 8)), step=3)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank_worker, args=(r, port, str(teacher_path), out)) for r in range(2)]

@@ -7,7 +7,6 @@ rank order (rank 0's rows, then rank 1's: features are gathered that way), so th
 reorders its batch to match: even positions first, then odd ones. Then both runs see identical
 global batches, in the same order, and every loss must agree up to float reduction order."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from fastvl.data.loader import build_loader
 from fastvl.train.loop import train
 from fastvl.train.metrics import read_metrics
 
+from ..two_ranks import free_port
 from .conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,12 +34,6 @@ def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RankOrderedLoader:
