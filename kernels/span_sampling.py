@@ -109,7 +109,7 @@ def clean_start_weights(start_probs: Tensor, valid: Tensor, dtype: torch.dtype) 
 
 def xlogx(x: Tensor) -> Tensor:
     """``x log x`` with ``0 log 0 = 0`` and a finite gradient at 0 (``log(tiny)``)."""
-    return x * torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
+    return x * _safe_log(x)
 
 
 def _safe_log(x: Tensor) -> Tensor:

@@ -225,7 +225,6 @@ def flex_block_mask(batch: int, heads: int, lq: int, lk: int, device: torch.devi
     codes of ``encode_rule``). Per-head only when ``attn_mask`` varies by head."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mask_heads = heads if (attn_mask is not None and attn_mask.shape[1] > 1) else None
     full_mask = attn_mask.expand(batch, heads, lq, lk) if attn_mask is not None else None
     rule = encode_rule(kind, step) if kind is not None else None
 
@@ -239,7 +238,12 @@ def flex_block_mask(batch: int, heads: int, lq: int, lk: int, device: torch.devi
             visible = visible & rule.visible(b_idx, q_idx, kv_idx)
         return visible
 
-    return create_block_mask(mask_mod, batch, mask_heads, lq, lk, device=device)
+    return create_block_mask(mask_mod, batch, _block_mask_heads(attn_mask, heads), lq, lk, device=device)
+
+
+def _block_mask_heads(attn_mask: Optional[torch.Tensor], heads: int) -> Optional[int]:
+    """Heads of the BlockMask: one per head only when ``attn_mask`` varies by head, else None (shared)."""
+    return heads if (attn_mask is not None and attn_mask.shape[1] > 1) else None
 
 
 def _flex(q, k, v, key_padding_mask, attn_mask, kind, step, dropout_p, scale):
@@ -254,9 +258,8 @@ def _flex(q, k, v, key_padding_mask, attn_mask, kind, step, dropout_p, scale):
     lk = k.shape[2]
     block_mask = None
     if key_padding_mask is not None or attn_mask is not None or kind is not None:
-        heads = h if (attn_mask is not None and attn_mask.shape[1] > 1) else None
         block_mask = _block_masks.get(
-            (b, heads, lq, lk, q.device), (key_padding_mask, attn_mask, kind, step),
+            (b, _block_mask_heads(attn_mask, h), lq, lk, q.device), (key_padding_mask, attn_mask, kind, step),
             lambda: flex_block_mask(b, h, lq, lk, q.device, key_padding_mask=key_padding_mask,
                                     attn_mask=attn_mask, kind=kind, step=step))
     flex = _flex_function(q.device)
