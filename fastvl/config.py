@@ -259,8 +259,9 @@ class TrainConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
     optimizer: str = "auto"
-    """"auto" (apex FusedAdam when importable on CUDA, else DeepSpeed FusedAdam on CUDA, torch AdamW on CPU),
-    "adamw" (torch), "deepspeed_cpu_adam" (DeepSpeed's CPU Adam; JIT-compiles once)."""
+    """"auto" (apex FusedAdam when importable on CUDA, else DeepSpeed FusedAdam on CUDA, torch's fused AdamW
+    on CPU), "adamw" (torch's per-tensor loop), "deepspeed_cpu_adam" (DeepSpeed's CPU Adam; JIT-compiles
+    once)."""
     save_every: int = 100
     """Checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_last: int = 2

@@ -45,7 +45,7 @@ def test_run_directory_checkpoints_and_metrics(tmp_path):
     assert (run / "latest").read_text().strip() == "step_6"
     assert config_from_dict(json.loads((run / "config.json").read_text())) == cfg
     info = json.loads((run / "run.json").read_text())
-    assert info["precision"] == "fp32" and info["optimizer"] == "torch_adamw" and info["loss_names"] == ["contrast", "recon"]
+    assert info["precision"] == "fp32" and info["optimizer"] == "torch_adamw_fused" and info["loss_names"] == ["contrast", "recon"]
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [2, 4, 6]
     for row in rows:
