@@ -6,6 +6,10 @@ distillation and ITC queues as in the official implementation.
   text, drawn from softmax(ITC similarity) over the global batch in fp32 (guarded).
 - MLM: the text masking policy (``method.text_masking``, BERT-style 15% with 80/10/10 by default)
   corrupts the caption; the fusion encoder reads it with the full image; loss at masked positions.
+- The ITM pairs and the MLM captions read the step's images through one ``fusion.ImageContext`` (each
+  fusion layer's cross-attention keys/values of the B images, projected once; negatives name their
+  image by index), and ITM computes the last fusion layer for the [CLS] row only: the outputs and
+  gradients of separate passes, for ~12% fewer FLOPs per step at base size.
 
 Momentum distillation (``method.options``, see ``AlbefOptions``; ``momentum_distill`` is on in
 configs/base_albef.json, as in ALBEF's pretraining, and off when not given):
@@ -81,6 +85,7 @@ from ..dist import gather_with_grad, global_uniform
 from ..masking import build_text_masking
 from ..models.albef import AlbefModel
 from ..models.ema import EmaTeacher
+from ..models.fusion import ImageContext
 from ..objectives.itc import MomentumKeys, itc_loss
 from ..objectives.itm import itm_loss
 from ..objectives.mlm import mlm_loss
@@ -238,34 +243,53 @@ class Albef(Recipe):
         return itc_loss(self.backbone.image_feat(image_states), self.backbone.text_feat(text_states, attention_mask),
                         self.temperature, keys, alpha)
 
-    def fuse_cls(self, text_states, attention_mask, image_states) -> torch.Tensor:
-        return self.backbone.fuse(text_states, attention_mask, image_states)[:, 0]
+    def fuse_cls(self, text_states, attention_mask, image_states, image_index=None) -> torch.Tensor:
+        """The fused [CLS] [n, Dt] of text row i with image ``image_index[i]`` (default: i) of
+        ``image_states`` (states, or their ``ImageContext``)."""
+        return self.backbone.fuse(text_states, attention_mask, image_states, image_index=image_index, cls_only=True)
 
-    def matching(self, image_states, text_states, attention_mask, sim_i2t, sim_t2i) -> torch.Tensor:
+    def with_other_images(self, images, other_images: Optional[torch.Tensor]):
+        """``images`` (states or an ``ImageContext``) followed by the states ``other_images``."""
+        if other_images is None:
+            return images
+        if isinstance(images, ImageContext):
+            return images.cat(self.backbone.image_context(other_images))
+        return torch.cat([images, other_images])
+
+    def matching(self, image_states, text_states, attention_mask, sim_i2t, sim_t2i, images=None) -> torch.Tensor:
+        """ITM; ``images`` is what ``fuse_cls`` reads of this rank's images: their states (default) or
+        an ``ImageContext`` of them that other fusion passes share."""
         if self.cfg.method.itm_negatives == "random":  # equal weights: uniform over the other pairs
             sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
         u = global_uniform(image_states.shape[0], (2,), seed=self.cfg.train.seed, step=self.draw_step,
                            stream=ITM_STREAM, device=image_states.device)
-        return itm_loss(self.fuse_cls, self.backbone.itm_logits, image_states, text_states, attention_mask,
+        images = image_states if images is None else images
+
+        def fuse_pairs(texts, masks, image_index, other_images):
+            return self.fuse_cls(texts, masks, self.with_other_images(images, other_images), image_index)
+
+        return itm_loss(fuse_pairs, self.backbone.itm_logits, image_states, text_states, attention_mask,
                         sim_i2t, sim_t2i, u)
 
-    def alignment(self, batch: Batch, image_states, text_states,
-                  momentum: Optional[MomentumTargets] = None) -> dict[str, torch.Tensor]:
-        """The ITC and ITM losses this recipe uses (ITM's hard negatives come from ITC's similarities)."""
+    def alignment(self, batch: Batch, image_states, text_states, momentum: Optional[MomentumTargets] = None,
+                  images=None) -> dict[str, torch.Tensor]:
+        """The ITC and ITM losses this recipe uses (ITM's hard negatives come from ITC's similarities);
+        ``images`` as in ``matching``."""
         if not (self.uses("itc") or self.uses("itm")):
             return {}
         itc, sim_i2t, sim_t2i = self.contrastive(image_states, text_states, batch.attention_mask, momentum)
         losses = {"itc": itc} if self.uses("itc") else {}
         if self.uses("itm"):
-            losses["itm"] = self.matching(image_states, text_states, batch.attention_mask, sim_i2t, sim_t2i)
+            losses["itm"] = self.matching(image_states, text_states, batch.attention_mask, sim_i2t, sim_t2i, images)
         return losses
 
     def masked_lm(self, batch: Batch, image_states: torch.Tensor, masked=None,
-                  momentum: Optional[MomentumTargets] = None) -> torch.Tensor:
-        """MLM on ``masked`` (drawn here if not given), distilled from ``momentum.mlm_probs`` if any."""
+                  momentum: Optional[MomentumTargets] = None, images=None) -> torch.Tensor:
+        """MLM on ``masked`` (drawn here if not given), distilled from ``momentum.mlm_probs`` if any;
+        ``images`` as in ``matching``."""
         masked = masked if masked is not None else self.text_masking(batch, self.draw_step)
         states = self.backbone.encode_text(masked.input_ids, batch.attention_mask)
-        fused = self.backbone.fuse(states, batch.attention_mask, image_states)
+        fused = self.backbone.fuse(states, batch.attention_mask, image_states if images is None else images)
         where = masked.mask
         teacher, alpha = (None, 0.0) if momentum is None else (momentum.mlm_probs, momentum.alpha)
         return mlm_loss(self.backbone.mlm_logits(fused[where]), masked.labels[where], teacher, alpha)
@@ -277,9 +301,11 @@ class Albef(Recipe):
         image_states, text_states = self.encode(batch)
         masked = self.text_masking(batch, self.draw_step) if self.uses("mlm") else None
         momentum = self.momentum_targets(batch, masked)
-        losses = self.alignment(batch, image_states, text_states, momentum)
+        # the fusion's image keys/values, projected once for the ITM pairs and the MLM pass
+        images = self.backbone.image_context(image_states) if self.uses("itm") and masked is not None else None
+        losses = self.alignment(batch, image_states, text_states, momentum, images)
         if masked is not None:
-            losses["mlm"] = self.masked_lm(batch, image_states, masked, momentum)
+            losses["mlm"] = self.masked_lm(batch, image_states, masked, momentum, images)
         metrics = {"temperature": self.temperature.reshape(())}
         if momentum is not None:
             metrics["alpha"] = torch.tensor(momentum.alpha)

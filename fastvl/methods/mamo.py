@@ -199,8 +199,10 @@ class Mamo(Albef):
             fused_states = self.teacher("fusion_encoder", image_states, text_states, batch.attention_mask)
         return MamoTargets(image_states[:, 1:] if image_features else None, fused_states)
 
-    def fuse_cls(self, text_states, attention_mask, image_states) -> torch.Tensor:
-        """ITM feature: the fused text [CLS] of row-aligned (image, text) pairs, [n, Dt]."""
+    def fuse_cls(self, text_states, attention_mask, image_states, image_index=None) -> torch.Tensor:
+        """ITM feature: the fused text [CLS] of text row i with image ``image_index[i]`` (default i), [n, Dt]."""
+        if image_index is not None:
+            image_states = image_states[image_index]
         return self.backbone.fuse_all(image_states, text_states, attention_mask)[:, self.backbone.text_offset]
 
     def _mrm_rows(self, rows: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ Shapes (B batch, L text length, N patches, Dv/Dt vision/text width, E ITC width,
 ``encode_image(images, replace_mask=None, keep_index=None)``           [B, 3, S, S] -> [B, 1+N', Dv]
 ``encode_text(input_ids, attention_mask, position_ids=None, *,         [B, L] -> [B, L, Dt]
 token_type_ids=None, attn_mask=None, kind=None, step=None)``
-``fuse(text_states, attention_mask, image_states, image_mask=None, *,  -> [B, L, Dt]
-attn_mask=None, kind=None, step=None)``
+``fuse(text_states, attention_mask, image_states, image_mask=None, *,  -> [B, L, Dt] ([B, Dt] if cls_only)
+image_index=None, cls_only=False, attn_mask=None, kind=None, step=None)``
+``image_context(image_states, image_mask=None)``                       -> ``fusion.ImageContext``
 ``image_feat(image_states)`` / ``text_feat(text_states, mask)``        -> unit-norm [B, E] (projected [CLS];
                                                                        text: ``text_pooling``)
 ``mlm_logits(states)``                                                 [..., Dt] -> [..., V] (tied decoder)
@@ -22,7 +23,7 @@ every attention module; names are the modules' paths, e.g. ``text_encoder.encode
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import ObservableModel, name_attention_modules
 from .bert import TextEncoder
-from .fusion import FusionEncoder
+from .fusion import FusionEncoder, ImageContext
 from .heads import MlmHead, unit_projection
 from .hf_bert import BertLoadReport, load_hf_bert
 from .init import init_weights
@@ -82,11 +83,19 @@ class AlbefModel(ObservableModel):
         return self.text_encoder(input_ids, attention_mask, position_ids, token_type_ids,
                                  attn_mask=attn_mask, kind=kind, step=step)
 
-    def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor,
-             image_mask: Optional[torch.Tensor] = None, *, attn_mask=None, kind=None, step=None) -> torch.Tensor:
-        """Text states [B, L, Dt] cross-attending to image states [B, N, Dv] -> [B, L, Dt]."""
-        return self.fusion_encoder(text_states, attention_mask, image_states, image_mask,
-                                   attn_mask=attn_mask, kind=kind, step=step)
+    def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
+             image_states: Union[torch.Tensor, ImageContext], image_mask: Optional[torch.Tensor] = None, *,
+             image_index: Optional[torch.Tensor] = None, cls_only: bool = False,
+             attn_mask=None, kind=None, step=None) -> torch.Tensor:
+        """Text states [B, L, Dt] cross-attending to image states [B, N, Dv] -> [B, L, Dt]; text row i reads
+        image ``image_index[i]`` of [M, N, Dv] states or of an ``image_context`` when given; ``cls_only``
+        -> the [CLS] rows [B, Dt] (see ``fusion.FusionEncoder``)."""
+        return self.fusion_encoder(text_states, attention_mask, image_states, image_mask, image_index=image_index,
+                                   cls_only=cls_only, attn_mask=attn_mask, kind=kind, step=step)
+
+    def image_context(self, image_states: torch.Tensor, image_mask: Optional[torch.Tensor] = None) -> ImageContext:
+        """The fusion encoder's cross-attention keys/values of these images, for several ``fuse`` passes."""
+        return self.fusion_encoder.image_context(image_states, image_mask)
 
     # -- heads ----------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ onto them key by key (``hf_bert.load_hf_bert``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,22 @@ class BertEmbeddings(nn.Module):
         return [(self, self.position_embeddings.weight), (self, self.token_type_embeddings.weight)]
 
 
+class KeysValues(NamedTuple):
+    """A cross-attention's keys and values [B, H, N, Dh], projected beforehand
+    (``BertSelfAttention.project_context``): passes over the same context then share the projection."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> "KeysValues":
+        # index_select: its backward (index_add_) sums repeated rows faster on the CPU than indexing's
+        return KeysValues(self.keys.index_select(0, index), self.values.index_select(0, index))
+
+
+Context = Union[torch.Tensor, KeysValues]
+"""What a cross-attention reads: the context states [B, N, C], or their projected ``KeysValues``."""
+
+
 class BertSelfAttention(ObservedAttention):
     """query/key/value projections + attention. For cross-attention, key/value read ``context_width``
     features (the image width) and project them to the text width."""
@@ -76,13 +92,17 @@ class BertSelfAttention(ObservedAttention):
         self.key = nn.Linear(kv_width, width)
         self.value = nn.Linear(kv_width, width)
 
+    def project_context(self, source: torch.Tensor) -> KeysValues:
+        """Keys and values [B, H, Lk, Dh] of ``source`` [B, Lk, C]."""
+        return KeysValues(split_heads(self.key(source), self.heads), split_heads(self.value(source), self.heads))
+
     def forward(self, hidden: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
-                context: Optional[torch.Tensor] = None, *, attn_mask=None, kind=None, step=None) -> torch.Tensor:
-        """hidden [B, Lq, W]; context [B, Lk, C] (cross) or None (self); masks as in ``attention``."""
-        source = hidden if context is None else context
+                context: Optional[Context] = None, *, attn_mask=None, kind=None, step=None) -> torch.Tensor:
+        """hidden [B, Lq, W]; context [B, Lk, C] or its ``KeysValues`` (cross) or None (self); masks as
+        in ``attention``."""
         q = split_heads(self.query(hidden), self.heads)
-        k = split_heads(self.key(source), self.heads)
-        v = split_heads(self.value(source), self.heads)
+        k, v = context if isinstance(context, KeysValues) else self.project_context(
+            hidden if context is None else context)
         return merge_heads(self.attend(q, k, v, key_padding_mask, attn_mask, kind, step))
 
 
@@ -132,10 +152,11 @@ class BertLayer(nn.Module):
         self.output = BertSelfOutput(intermediate, width, dropout)
 
     def forward(self, hidden: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, *,
-                context: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                context: Optional[Context] = None, context_mask: Optional[torch.Tensor] = None,
                 attn_mask=None, kind=None, step=None) -> torch.Tensor:
-        """hidden [B, L, W]; key_padding_mask [B, L]; context [B, N, C] with context_mask [B, N] (cross
-        layers only); attn_mask / kind / step restrict the self-attention (see ``attention``)."""
+        """hidden [B, L, W]; key_padding_mask [B, L]; context [B, N, C] or its ``KeysValues``, with
+        context_mask [B, N] (cross layers only); attn_mask / kind / step restrict the self-attention (see
+        ``attention``)."""
         hidden = self.attention(hidden, key_padding_mask, attn_mask=attn_mask, kind=kind, step=step)
         if self.crossattention is not None:
             if context is None:
@@ -143,20 +164,53 @@ class BertLayer(nn.Module):
             hidden = self.crossattention(hidden, context_mask, context)
         return self.output(self.intermediate(hidden), hidden)
 
+    def cls_row(self, hidden: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, *,
+                context: Optional[Context] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Row 0 of ``forward(hidden, ...)``, [B, W], computed for that row alone: an output row depends on
+        its own query row and on every key/value row, so ``h = LN(c + SelfAttn(q=c, kv=hidden))``, then
+        the cross-attention and FFN of ``h``, with ``c = hidden[:, :1]``. Same parameters, dropout and
+        observer as ``forward``; the gradients are those of its row 0."""
+        cls = hidden[:, :1]
+        h = self.attention.output(self.attention.self(cls, key_padding_mask, hidden), cls)
+        if self.crossattention is not None:
+            if context is None:
+                raise ValueError("a fusion layer needs the image states (context)")
+            h = self.crossattention(h, context_mask, context)
+        return self.output(self.intermediate(h), h)[:, 0]
+
 
 class BertStack(nn.Module):
     """``layer``: the ModuleList of BertLayers (named as BertModel's ``encoder.layer``); ``checkpointed``
-    recomputes each layer's activations in the backward pass (``checkpointing.run_layer``)."""
+    recomputes each layer's activations in the backward pass (``checkpointing.run_layer``).
+
+    ``forward(hidden, key_padding_mask=None, *, context=None, context_mask=None, cls_only=False, attn_mask=None,
+    kind=None, step=None)``: ``context`` is what every layer's cross-attention reads (states [B, N, C]), or
+    a list with one entry per layer (e.g. each layer's projected ``KeysValues``). With ``cls_only`` it
+    returns row 0 alone, [B, W], and computes the last layer for that row only (``BertLayer.cls_row``:
+    ITM reads nothing else, and skips (L-1)/L of the last layer's work); the self-attention must then
+    be unrestricted (no attn_mask / kind / step)."""
 
     def __init__(self, layers: list[BertLayer], checkpointed: bool = False):
         super().__init__()
         self.layer = nn.ModuleList(layers)
         self.checkpointed = checkpointed
 
-    def forward(self, hidden, key_padding_mask=None, **kwargs) -> torch.Tensor:
-        for layer in self.layer:
-            hidden = run_layer(layer, self.checkpointed, hidden, key_padding_mask, **kwargs)
-        return hidden
+    def forward(self, hidden, key_padding_mask=None, *, context=None, context_mask=None, cls_only=False,
+                **restrictions) -> torch.Tensor:
+        contexts = context if isinstance(context, list) else [context] * len(self.layer)
+        if len(contexts) != len(self.layer):
+            raise ValueError(f"{len(contexts)} contexts for {len(self.layer)} layers")
+        if cls_only and any(value is not None for value in restrictions.values()):
+            raise ValueError("cls_only needs unrestricted self-attention (no attn_mask / kind / step)")
+        full = len(self.layer) - 1 if cls_only and len(self.layer) else len(self.layer)
+        for layer, layer_context in zip(list(self.layer)[:full], contexts):
+            hidden = run_layer(layer, self.checkpointed, hidden, key_padding_mask, context=layer_context,
+                               context_mask=context_mask, **restrictions)
+        if not cls_only:
+            return hidden
+        if full == len(self.layer):  # no layers
+            return hidden[:, 0]
+        return self.layer[-1].cls_row(hidden, key_padding_mask, context=contexts[-1], context_mask=context_mask)
 
 
 def text_layers(cfg: ModelConfig, count: int, context_width: Optional[int] = None) -> list[BertLayer]:

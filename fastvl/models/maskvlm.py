@@ -43,31 +43,8 @@ from ..config import ModelConfig
 from .albef import AlbefModel
 from .attention import name_attention_modules
 from .bert import BertLayer, BertStack
-from .checkpointing import run_layer
 from .init import init_weights
 from .vit import VIT_MLP_RATIO
-
-
-def cls_row(stack: BertStack, hidden: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-            context: torch.Tensor, context_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Row 0 ([CLS]) of ``stack(hidden, key_padding_mask, context=context, context_mask=context_mask)``,
-    [B, W], computing the *last* layer for that row only.
-
-    In a BERT layer an output row depends on its own query row and on every key/value row, so the last
-    layer needs the [CLS] query alone: ``h = LN(c + SelfAttn(q=c, kv=x)); h = LN(h + CrossAttn(h,
-    context)); y = LN(h + FFN(h))`` with ``c = x[:, :1]``. ITM reads only the [CLS] rows of both
-    cross-modality encoders, so this skips (L-1)/L of the last layer's work on 3 x batch pairs. Built
-    from ``bert.BertLayer``'s own submodules (same parameters, dropout and observer); the
-    gradients are those of the full stack's row 0."""
-    layers = list(stack.layer)
-    for layer in layers[:-1]:
-        hidden = run_layer(layer, stack.checkpointed, hidden, key_padding_mask, context=context,
-                           context_mask=context_mask)
-    last, cls = layers[-1], hidden[:, :1]
-    h = last.attention.output(last.attention.self(cls, key_padding_mask, hidden), cls)
-    if last.crossattention is not None:
-        h = last.crossattention(h, context_mask, context)
-    return last.output(last.intermediate(h), h)[:, 0]
 
 
 def image_cross_layers(cfg: ModelConfig, count: int) -> list[BertLayer]:
@@ -143,13 +120,13 @@ class MaskVLMModel(AlbefModel):
                         attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """z_im^cross = ``cross_image(...)[:, 0]`` [B, Dv], the last layer computed for [CLS] only."""
         context_mask = None if attention_mask is None else attention_mask.bool()
-        return cls_row(self.image_cross_encoder.encoder, image_states, None, text_states, context_mask)
+        return self.image_cross_encoder.encoder(image_states, None, context=text_states, context_mask=context_mask,
+                                                cls_only=True)
 
     def cross_text_cls(self, text_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
                        image_states: torch.Tensor) -> torch.Tensor:
         """z_txt^cross = ``fuse(...)[:, 0]`` [B, Dt], the last layer computed for [CLS] only."""
-        key_padding_mask = None if attention_mask is None else attention_mask.bool()
-        return cls_row(self.fusion_encoder.encoder, text_states, key_padding_mask, image_states, None)
+        return self.fuse(text_states, attention_mask, image_states, cls_only=True)
 
     def decode_pixels(self, image_cross_states: torch.Tensor, text_states: torch.Tensor,
                       attention_mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """Image-text matching with in-batch hard negatives drawn by ITC similarity (ALBEF section 3.2)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..dist import gather_with_grad, global_offset, pad_to_global_length
+from ..dist import gather_with_grad, global_offset, pad_to_global_length, rank_and_world
 
 
 def sample_by_weight(weights: torch.Tensor, exclude: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def sample_by_weight(weights: torch.Tensor, exclude: torch.Tensor, u: torch.Tens
 
 
 def itm_loss(
-    fuse_cls: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    fuse_cls: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor],
     itm_head: Callable[[torch.Tensor], torch.Tensor],
     image_states: torch.Tensor,
     text_states: torch.Tensor,
@@ -46,18 +46,27 @@ def itm_loss(
     """Binary matching loss over b positives, b (image, hard-negative text) and b (hard-negative
     image, text) pairs. Negatives come from the whole global batch (states gathered with gradients),
     drawn with softmax(ITC similarity) weights in fp32; ``u`` [b, 2] are the uniforms for the draws.
-    ``fuse_cls(text_states, attention_mask, image_states) -> [n, D]`` is the fused [CLS]."""
+
+    ``fuse_cls(texts [3b, L, D], masks [3b, L], image_index [3b], other_images) -> [3b, D]`` is the
+    fused [CLS] of text row i with image ``image_index[i]`` of this rank's b images followed by
+    ``other_images``: the hard-negative images' states [b, N, Dv] taken from the gathered global batch,
+    or None on one process, where every image is one of this rank's. Images are named by index rather
+    than repeated so that the fusion can project each image's side of its cross-attention once
+    (``fusion.ImageContext``)."""
     b = image_states.shape[0]
     self_index = torch.arange(b, device=image_states.device) + global_offset(b)
     neg_text = sample_by_weight(F.softmax(sim_i2t.float(), dim=1), self_index, u[:, 0])
     neg_image = sample_by_weight(F.softmax(sim_t2i.float(), dim=1), self_index, u[:, 1])
     text_states, attention_mask = pad_to_global_length(text_states), pad_to_global_length(attention_mask)
-    all_images = gather_with_grad(image_states)
     all_texts = gather_with_grad(text_states)
     all_masks = gather_with_grad(attention_mask)
-    images = torch.cat([image_states, image_states, all_images[neg_image]])
+    local = torch.arange(b, device=image_states.device)
+    if rank_and_world()[1] == 1:
+        other_images, neg_rows = None, neg_image
+    else:
+        other_images, neg_rows = gather_with_grad(image_states)[neg_image], local + b
     texts = torch.cat([text_states, all_texts[neg_text], text_states])
     masks = torch.cat([attention_mask, all_masks[neg_text], attention_mask])
-    logits = itm_head(fuse_cls(texts, masks, images))
+    logits = itm_head(fuse_cls(texts, masks, torch.cat([local, local, neg_rows]), other_images))
     labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(logits.device)
     return F.cross_entropy(logits.float(), labels)

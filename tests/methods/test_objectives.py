@@ -79,3 +79,32 @@ def test_itm_negatives_are_drawn_by_similarity_or_uniformly(negatives, monkeypat
     for weights in seen:
         spread = (weights.max(1).values - weights.min(1).values).max()
         assert (spread == 0) if negatives == "random" else (spread > 1e-3), weights
+
+
+def test_albef_projects_each_image_once_for_all_its_fusion_passes():
+    """ALBEF's ITM pairs (positives, hard-negative texts, hard-negative images) and its MLM pass read one
+    ``ImageContext``: every fusion layer's cross-attention keys and values are computed for each of the
+    step's B images once (not for 4 x B rows), in the online model and in the momentum model."""
+    from fastvl.data.batch import Batch
+
+    from .conftest import build_recipe
+
+    recipe = build_recipe("configs/tiny_albef.json", momentum_distill=True).train()
+    rows = {}
+
+    def count(name):
+        return lambda module, inputs, output: rows.__setitem__(name, rows.get(name, 0) + inputs[0].shape[0])
+
+    online = recipe.backbone.fusion_encoder.encoder.layer
+    teacher = recipe.momentum_teacher.shadow["albef"].backbone.fusion_encoder.encoder.layer
+    for name, layers in (("online", online), ("momentum", teacher)):
+        for j, layer in enumerate(layers):
+            for part in ("key", "value"):
+                getattr(layer.crossattention.self, part).register_forward_hook(count(f"{name}.{j}.{part}"))
+    b = 6
+    ids = torch.randint(1000, 2000, (b, 10))
+    ids[:, 0], ids[:, -1] = 101, 102
+    out = recipe(Batch(torch.randn(b, 3, 64, 64), ids, torch.ones_like(ids), []))
+    assert {"itm", "mlm"} <= set(out)
+    assert rows == {f"{name}.{j}.{part}": b for name in ("online", "momentum") for j in range(len(online))
+                    for part in ("key", "value")}

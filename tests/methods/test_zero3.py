@@ -50,6 +50,16 @@ def recipe_overrides(name: str, teacher: Path) -> list[str]:
 
 
 RECIPES = ("albef", "cmask", "maskvlm", "mamo", "epic")
+SAMPLED_LOSSES = {("epic", "token_consistency"), ("epic", "loss")}
+SAMPLED_TOLERANCE = 2e-3
+"""EPIC's token-consistency loss reads captions whose replaced tokens are drawn from the generator's
+softmax over the whole vocabulary by inverting its CDF: with nearly uniform early logits the tokens lie
+~1/V apart in the CDF, so the ~1e-7 rounding by which 2 processes' weights differ from 1 process's (the
+global grad norm that clipping divides by is summed in another order) can move one draw to the next
+token. Seen: after a change that only reordered the rounding of the ALBEF base's fusion passes, this
+loss moved by 4.4e-4 (relative) at step 2 between the two runs while every other loss stayed within
+1e-6. A wrong gather or partition moves every loss by far more; the resumed run below is still held
+to equality."""
 TWO_PROCESS_REFERENCE = {"cmask"}
 """Recipes whose losses depend on the number of processes at any stage: C-Mask's agent seeds its span
 draws with the rank and numbers rows per rank (``CurriculumMasking.sample_seed``), so 2 processes draw
@@ -196,7 +206,8 @@ def test_every_recipe_at_zero3_logs_what_zero0_logs_and_resumes_exactly(synth, t
         assert [r["samples_seen"] for r in two] == [r["samples_seen"] for r in one] == [8, 16, 24], name
         logged = ["loss", "temperature", *losses_named(reference)]
         for key in logged:
-            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-4), (name, key)
+            tolerance = SAMPLED_TOLERANCE if (name, key) in SAMPLED_LOSSES else 1e-4
+            assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=tolerance, abs=1e-4), (name, key)
 
         # the stage-3 run resumed from step 2 takes step 3 exactly as the straight run did
         resumed = read_metrics(tmp_path / name / "zero3_resumed" / "metrics.jsonl")

@@ -237,3 +237,75 @@ def test_cmask_refuses_mean_text_pooling():
                          ["model.text_pooling=mean"])
     with pytest.raises(ConfigError, match="C-Mask's ITC reads the text \\[CLS\\] row"):
         build_method(config)
+
+
+def _fusion_inputs(cfg, model, rows=5, seed=1):
+    """Text states for ``rows`` texts, B image states, and which image each text reads (repeats)."""
+    images, ids, mask = batch(cfg, seed)
+    image_states = model.encode_image(images)
+    text_states = model.encode_text(ids, mask)
+    pick = torch.tensor([0, 2, 2, 1, 0])[:rows]
+    return text_states[pick % B], mask[pick % B], image_states, torch.tensor([1, 1, 0, 2, 1])[:rows]
+
+
+def _grads(model, *tensors):
+    return [t.grad.clone() for t in tensors] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_an_image_context_gives_what_repeated_images_give(cfg):
+    """Fusing texts with images named by index through one projected ``ImageContext`` (what ALBEF's ITM
+    and MLM passes share) gives the outputs and gradients of fusing them with the images repeated."""
+    torch.manual_seed(0)
+    model = AlbefModel(cfg).eval()
+    text_states, mask, image_states, index = _fusion_inputs(cfg, model)
+    text_states, image_states = text_states.detach().requires_grad_(), image_states.detach().requires_grad_()
+    weights = torch.randn(len(index), L, cfg.text_width)
+
+    repeated = model.fuse(text_states, mask, image_states[index])
+    (repeated * weights).sum().backward()
+    expected = _grads(model, text_states, image_states)
+    model.zero_grad(set_to_none=True)
+    text_states.grad = image_states.grad = None
+
+    context = model.image_context(image_states)
+    assert [kv.keys.shape for kv in context.layers] == [(B, cfg.text_heads, 1 + cfg.num_patches,
+                                                         cfg.text_width // cfg.text_heads)] * cfg.fusion_layers
+    shared = model.fuse(text_states, mask, context, image_index=index)
+    (shared * weights).sum().backward()
+    torch.testing.assert_close(shared, repeated)
+    for got, want in zip(_grads(model, text_states, image_states), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_cls_only_is_row_zero_of_the_full_fusion(cfg):
+    """``cls_only`` computes the last fusion layer for [CLS] alone: the same row and the same gradients."""
+    torch.manual_seed(0)
+    model = AlbefModel(cfg).eval()
+    text_states, mask, image_states, index = _fusion_inputs(cfg, model)
+    text_states = text_states.detach().requires_grad_()
+    weights = torch.randn(len(index), cfg.text_width)
+    full = model.fuse(text_states, mask, image_states.detach(), image_index=index)[:, 0]
+    (full * weights).sum().backward()
+    expected = _grads(model, text_states)
+    model.zero_grad(set_to_none=True)
+    text_states.grad = None
+    cls = model.fuse(text_states, mask, image_states.detach(), image_index=index, cls_only=True)
+    (cls * weights).sum().backward()
+    torch.testing.assert_close(cls, full)
+    for got, want in zip(_grads(model, text_states), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="cls_only"):
+        model.fuse(text_states, mask, image_states, image_index=index, cls_only=True,
+                   attn_mask=torch.ones(1, 1, L, L, dtype=torch.bool))
+
+
+def test_an_image_context_brings_its_own_mask(model, cfg):
+    text_states, mask, image_states, index = _fusion_inputs(cfg, model)
+    image_mask = torch.ones(B, 1 + cfg.num_patches, dtype=torch.bool)
+    image_mask[1, 5:] = False
+    with torch.no_grad():
+        want = model.fuse(text_states, mask, image_states[index], image_mask[index])
+        got = model.fuse(text_states, mask, model.image_context(image_states, image_mask), image_index=index)
+        torch.testing.assert_close(got, want)
+        with pytest.raises(ValueError, match="its own image mask"):
+            model.fuse(text_states, mask, model.image_context(image_states), image_mask, image_index=index)
