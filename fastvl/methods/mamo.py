@@ -202,7 +202,7 @@ class Mamo(Albef):
     def fuse_cls(self, text_states, attention_mask, image_states, image_index=None) -> torch.Tensor:
         """ITM feature: the fused text [CLS] of text row i with image ``image_index[i]`` (default i), [n, Dt]."""
         if image_index is not None:
-            image_states = image_states[image_index]
+            image_states = image_states.index_select(0, image_index)
         return self.backbone.fuse_all(image_states, text_states, attention_mask)[:, self.backbone.text_offset]
 
     def _mrm_rows(self, rows: torch.Tensor) -> torch.Tensor:

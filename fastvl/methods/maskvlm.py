@@ -162,7 +162,7 @@ class MaskVLM(Albef):
     def fuse_cls(self, text_states, attention_mask, image_states, image_index=None) -> torch.Tensor:
         """ITM feature z_im^cross * z_txt^cross [n, Dt] of text row i with image ``image_index[i]`` (default i)."""
         if image_index is not None:
-            image_states = image_states[image_index]
+            image_states = image_states.index_select(0, image_index)
         image_cls = self.backbone.cross_image_cls(image_states, text_states, attention_mask)
         text_cls = self.backbone.cross_text_cls(text_states, attention_mask, image_states)
         return self.backbone.itm_feature(image_cls, text_cls)

@@ -64,8 +64,8 @@ def itm_loss(
     if rank_and_world()[1] == 1:
         other_images, neg_rows = None, neg_image
     else:
-        other_images, neg_rows = gather_with_grad(image_states)[neg_image], local + b
-    texts = torch.cat([text_states, all_texts[neg_text], text_states])
+        other_images, neg_rows = gather_with_grad(image_states).index_select(0, neg_image), local + b
+    texts = torch.cat([text_states, all_texts.index_select(0, neg_text), text_states])
     masks = torch.cat([attention_mask, all_masks[neg_text], attention_mask])
     logits = itm_head(fuse_cls(texts, masks, torch.cat([local, local, neg_rows]), other_images))
     labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(logits.device)

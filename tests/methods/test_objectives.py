@@ -108,3 +108,60 @@ def test_albef_projects_each_image_once_for_all_its_fusion_passes():
     assert {"itm", "mlm"} <= set(out)
     assert rows == {f"{name}.{j}.{part}": b for name in ("online", "momentum") for j in range(len(online))
                     for part in ("key", "value")}
+
+
+@pytest.mark.parametrize("config", ["tiny_albef", "tiny_maskvlm", "tiny_mamo"])
+def test_a_step_is_bitwise_reproducible_with_two_threads(config):
+    """ITM gathers the hard negatives with repeats, and a repeated row's gradient is a sum: through
+    ``index_select`` it is added in a fixed order, where advanced indexing's backward (``index_put``
+    with accumulate) adds it in whatever order two threads happen to run (different last bits in 49 of
+    50 passes, measured). With 2 threads, passes over the same batch give identical gradients."""
+    from fastvl.data.batch import Batch
+
+    from .conftest import build_recipe
+
+    recipe = build_recipe(f"configs/{config}.json", "model.dropout=0.0").train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1000, 2000, (32, 20), generator=g)
+    ids[:, 0] = 101
+    batch = Batch(torch.randn(32, 3, 64, 64, generator=g), ids, torch.ones_like(ids), [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(4):
+            recipe.zero_grad(set_to_none=True)
+            recipe(batch)["loss"].backward()
+            grads.append([p.grad.clone() for p in recipe.parameters() if p.grad is not None])
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other, strict=True))
+
+
+def test_itm_gradients_through_repeated_negatives_are_bitwise_reproducible_with_two_threads():
+    """Every row draws the same hard-negative text (one dominant similarity), so that text's gradient is
+    a sum over the whole batch; with 2 threads it comes out with the same bits on every pass."""
+    from fastvl.objectives.itm import itm_loss
+
+    g = torch.Generator().manual_seed(0)
+    b, length, width = 64, 20, 128
+    images = torch.randn(b, 5, width, generator=g, requires_grad=True)
+    texts = torch.randn(b, length, width, generator=g, requires_grad=True)
+    mask = torch.ones(b, length, dtype=torch.long)
+    sim = torch.zeros(b, b)
+    sim[:, 0], sim[0, 1] = 50.0, 60.0  # every row's negative is text / image 0 (row 0's: 1)
+    u = torch.rand(b, 2, generator=g)
+    head = torch.nn.Linear(width, 2)
+
+    def fuse_cls(t, m, image_index, other):
+        return t[:, 0] * images.index_select(0, image_index)[:, 0]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = [torch.autograd.grad(itm_loss(fuse_cls, head, images, texts, mask, sim, sim, u), texts)[0]
+                 for _ in range(6)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
