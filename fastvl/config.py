@@ -287,10 +287,11 @@ class TrainConfig:
     keep_host_memory: bool = True
     """On CPU, keep freed memory in the process for the next step (glibc malloc without mmap-served blocks
     or trimming; fastvl.train.host_memory) instead of page-faulting GBs of activations and gradients in
-    again every step: at ALBEF base size 12.75 vs 14.77 s per step (the README's LAVIS comparison). The
-    process keeps its peak footprint, which a training step reaches anyway. Runs stay bitwise
-    reproducible (measured at 2 threads: every tiny recipe with it on, ALBEF with it off; repeated and
-    resumed runs log the same bits). False leaves malloc as it is."""
+    again every step: at ALBEF base size 12.75 vs 14.77 s per step in one 4-round run, 13.03 vs 13.52 s
+    in another (the README's LAVIS comparison; this VM's noise is of that order). The process keeps its
+    peak footprint, which a training step reaches anyway. Runs stay bitwise reproducible (measured at 2
+    threads: every tiny recipe with it on, ALBEF with it off; repeated and resumed runs log the same
+    bits). False leaves malloc as it is."""
 
     def __post_init__(self):
         _check(self.precision in ("auto", "fp16", "bf16", "fp32"), "train.precision must be auto, fp16, bf16 or fp32")
