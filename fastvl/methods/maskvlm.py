@@ -25,7 +25,7 @@ Paper -> code:
 - **ITC** (eq. 2): ALBEF's ``contrastive`` on the image [CLS] and text [START]=[CLS] projections, unit
   norm, learnable temperature, global batch.
 - **ITM** (eq. 3): ``fuse_cls`` = z_im^cross * z_txt^cross, the [CLS] rows of g_im(v, w) and
-  g_txt(w, v) (the last layer of each computed for the [CLS] query only, ``models.maskvlm.cls_row``:
+  g_txt(w, v) (the last layer of each computed for the [CLS] query only, ``bert.BertStack``'s ``cls_only``:
   same value, less work); ALBEF's ``matching`` draws one hard-negative text per image and one hard-negative image
   per text from softmax(ITC similarity) (fp32, guarded) and applies ``itm_head`` (FC + softmax CE).
 - **Total**: L = MLM + MIM + ITC + ITM (the paper uses no loss weighting: all weights 1); any subset is
@@ -70,7 +70,7 @@ Choices where the paper is vague (each is a default here, most are options):
    product (not needed at the paper's 768/768).
 
 Every ZeRO stage 0-3 works: under stage 3 the tied MLM decoder is registered as an external
-parameter of the MLM head (``AlbefModel.zero3_external_parameters``); ``cls_row`` runs the last
+parameter of the MLM head (``AlbefModel.zero3_external_parameters``); ``cls_only`` runs the last
 layer's submodules through their own forwards, so ZeRO-3 gathers them as usual.
 """
 from __future__ import annotations

@@ -153,30 +153,22 @@ class BertLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, *,
                 context: Optional[Context] = None, context_mask: Optional[torch.Tensor] = None,
-                attn_mask=None, kind=None, step=None) -> torch.Tensor:
+                cls_only: bool = False, attn_mask=None, kind=None, step=None) -> torch.Tensor:
         """hidden [B, L, W]; key_padding_mask [B, L]; context [B, N, C] or its ``KeysValues``, with
         context_mask [B, N] (cross layers only); attn_mask / kind / step restrict the self-attention (see
-        ``attention``)."""
-        hidden = self.attention(hidden, key_padding_mask, attn_mask=attn_mask, kind=kind, step=step)
+        ``attention``). ``cls_only``: row 0 alone, [B, W], computed for that row only -- an output row
+        depends on its own query row and on every key/value row, so the [CLS] query attends to all of
+        ``hidden`` and the rest of the layer runs on that one row (restrictions are not applied)."""
+        if cls_only:
+            out = self.attention(hidden[:, :1], key_padding_mask, hidden)
+        else:
+            out = self.attention(hidden, key_padding_mask, attn_mask=attn_mask, kind=kind, step=step)
         if self.crossattention is not None:
             if context is None:
                 raise ValueError("a fusion layer needs the image states (context)")
-            hidden = self.crossattention(hidden, context_mask, context)
-        return self.output(self.intermediate(hidden), hidden)
-
-    def cls_row(self, hidden: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, *,
-                context: Optional[Context] = None, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Row 0 of ``forward(hidden, ...)``, [B, W], computed for that row alone: an output row depends on
-        its own query row and on every key/value row, so ``h = LN(c + SelfAttn(q=c, kv=hidden))``, then
-        the cross-attention and FFN of ``h``, with ``c = hidden[:, :1]``. Same parameters, dropout and
-        observer as ``forward``; the gradients are those of its row 0."""
-        cls = hidden[:, :1]
-        h = self.attention.output(self.attention.self(cls, key_padding_mask, hidden), cls)
-        if self.crossattention is not None:
-            if context is None:
-                raise ValueError("a fusion layer needs the image states (context)")
-            h = self.crossattention(h, context_mask, context)
-        return self.output(self.intermediate(h), h)[:, 0]
+            out = self.crossattention(out, context_mask, context)
+        out = self.output(self.intermediate(out), out)
+        return out[:, 0] if cls_only else out
 
 
 class BertStack(nn.Module):
@@ -186,7 +178,7 @@ class BertStack(nn.Module):
     ``forward(hidden, key_padding_mask=None, *, context=None, context_mask=None, cls_only=False, attn_mask=None,
     kind=None, step=None)``: ``context`` is what every layer's cross-attention reads (states [B, N, C]), or
     a list with one entry per layer (e.g. each layer's projected ``KeysValues``). With ``cls_only`` it
-    returns row 0 alone, [B, W], and computes the last layer for that row only (``BertLayer.cls_row``:
+    returns row 0 alone, [B, W], and computes the last layer for that row only (``BertLayer``'s ``cls_only``:
     ITM reads nothing else, and skips (L-1)/L of the last layer's work); the self-attention must then
     be unrestricted (no attn_mask / kind / step)."""
 
@@ -202,15 +194,13 @@ class BertStack(nn.Module):
             raise ValueError(f"{len(contexts)} contexts for {len(self.layer)} layers")
         if cls_only and any(value is not None for value in restrictions.values()):
             raise ValueError("cls_only needs unrestricted self-attention (no attn_mask / kind / step)")
-        full = len(self.layer) - 1 if cls_only and len(self.layer) else len(self.layer)
-        for layer, layer_context in zip(list(self.layer)[:full], contexts):
-            hidden = run_layer(layer, self.checkpointed, hidden, key_padding_mask, context=layer_context,
-                               context_mask=context_mask, **restrictions)
-        if not cls_only:
-            return hidden
-        if full == len(self.layer):  # no layers
+        if cls_only and not len(self.layer):
             return hidden[:, 0]
-        return self.layer[-1].cls_row(hidden, key_padding_mask, context=contexts[-1], context_mask=context_mask)
+        for j, (layer, layer_context) in enumerate(zip(self.layer, contexts)):
+            hidden = run_layer(layer, self.checkpointed, hidden, key_padding_mask, context=layer_context,
+                               context_mask=context_mask, cls_only=cls_only and j == len(self.layer) - 1,
+                               **restrictions)
+        return hidden
 
 
 def text_layers(cfg: ModelConfig, count: int, context_width: Optional[int] = None) -> list[BertLayer]:

@@ -84,12 +84,12 @@ class FusionEncoder(nn.Module):
             if image_mask is not None:
                 raise ValueError("an ImageContext carries its own image mask: pass it to image_context")
             context = image_states
-        elif image_index is not None:
-            context = self.image_context(image_states, image_mask)
-        else:  # one pass over its own images: each layer projects them as it runs (no context held)
+        elif image_index is None:  # one pass over its own images: each layer projects them as it runs
             return self.encoder(text_states, key_padding_mask, context=image_states,
                                 context_mask=None if image_mask is None else image_mask.bool(),
                                 cls_only=cls_only, attn_mask=attn_mask, kind=kind, step=step)
+        else:
+            context = self.image_context(image_states, image_mask)
         if image_index is not None:
             context = context.rows(image_index)
         return self.encoder(text_states, key_padding_mask, context=context.layers, context_mask=context.mask,

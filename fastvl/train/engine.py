@@ -177,20 +177,20 @@ def build_optimizer(cfg: RunConfig, groups: list[dict], device: torch.device) ->
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs), "deepspeed_cpu_adam"
-    if t.optimizer == "auto" and device.type == "cuda":
-        try:
-            from apex.optimizers import FusedAdam as ApexFusedAdam  # NVIDIA apex, never the PyPI "apex"
-
-            return ApexFusedAdam(groups, adam_w_mode=True, **kwargs), "apex_fused_adam"
-        except Exception:  # not installed, or installed without its CUDA extensions (raises at construction)
-            pass
-        try:
-            from deepspeed.ops.adam import FusedAdam
-
-            return FusedAdam(groups, adam_w_mode=True, **kwargs), "deepspeed_fused_adam"
-        except Exception:  # the op may fail to build (no nvcc); torch's fused AdamW is still fast
-            return torch.optim.AdamW(groups, fused=True, **kwargs), "torch_adamw_fused"
     if t.optimizer == "auto":
+        if device.type == "cuda":
+            try:
+                from apex.optimizers import FusedAdam as ApexFusedAdam  # NVIDIA apex, never the PyPI "apex"
+
+                return ApexFusedAdam(groups, adam_w_mode=True, **kwargs), "apex_fused_adam"
+            except Exception:  # not installed, or installed without its CUDA extensions (raises at construction)
+                pass
+            try:
+                from deepspeed.ops.adam import FusedAdam
+
+                return FusedAdam(groups, adam_w_mode=True, **kwargs), "deepspeed_fused_adam"
+            except Exception:  # the op may fail to build (no nvcc); torch's fused AdamW is still fast
+                pass
         return torch.optim.AdamW(groups, fused=True, **kwargs), "torch_adamw_fused"
     return torch.optim.AdamW(groups, **kwargs), "torch_adamw"
 
