@@ -9,7 +9,8 @@ distillation and ITC queues as in the official implementation.
 - The ITM pairs and the MLM captions read the step's images through one ``fusion.ImageContext`` (each
   fusion layer's cross-attention keys/values of the B images, projected once; negatives name their
   image by index), and ITM computes the last fusion layer for the [CLS] row only: the outputs and
-  gradients of separate passes, for ~12% fewer FLOPs per step at base size.
+  gradients of separate passes, for ~12% fewer FLOPs per step at base size. The caption and its masked
+  copy share one text-encoder pass (``AlbefModel.encode_captions``; online and momentum model).
 
 Momentum distillation (``method.options``, see ``AlbefOptions``; ``momentum_distill`` is on in
 configs/base_albef.json, as in ALBEF's pretraining, and off when not given):
@@ -138,10 +139,11 @@ class MomentumAlbef(nn.Module):
         ``masked_ids`` caption, or None without ``masked_ids``)."""
         backbone = self.backbone
         image_states = backbone.encode_image(images)
-        text_states = backbone.encode_text(input_ids, attention_mask)
+        captions = (input_ids,) if masked_ids is None else (input_ids, masked_ids)
+        text_states, *masked_states = backbone.encode_captions(attention_mask, *captions)
         mlm_logits = None
         if masked_ids is not None:
-            fused = backbone.fuse(backbone.encode_text(masked_ids, attention_mask), attention_mask, image_states)
+            fused = backbone.fuse(masked_states[0], attention_mask, image_states)
             mlm_logits = backbone.mlm_logits(fused[where])
         return backbone.image_feat(image_states), backbone.text_feat(text_states, attention_mask), mlm_logits
 
@@ -232,9 +234,12 @@ class Albef(Recipe):
 
     # -- building blocks ------------------------------------------------------------------------
 
-    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, batch: Batch, masked=None) -> tuple[torch.Tensor, ...]:
+        """(image states, caption states), and with ``masked`` (a ``TextMask``) the masked caption's states
+        after them, from the same text-encoder pass."""
+        captions = (batch.input_ids,) if masked is None else (batch.input_ids, masked.input_ids)
         return (self.backbone.encode_image(batch.images),
-                self.backbone.encode_text(batch.input_ids, batch.attention_mask))
+                *self.backbone.encode_captions(batch.attention_mask, *captions))
 
     def contrastive(self, image_states, text_states, attention_mask, momentum: Optional[MomentumTargets] = None):
         with torch.no_grad():
@@ -284,11 +289,13 @@ class Albef(Recipe):
         return losses
 
     def masked_lm(self, batch: Batch, image_states: torch.Tensor, masked=None,
-                  momentum: Optional[MomentumTargets] = None, images=None) -> torch.Tensor:
+                  momentum: Optional[MomentumTargets] = None, images=None, states=None) -> torch.Tensor:
         """MLM on ``masked`` (drawn here if not given), distilled from ``momentum.mlm_probs`` if any;
-        ``images`` as in ``matching``."""
+        ``images`` as in ``matching``; ``states``: the masked caption's text-encoder states, when
+        ``encode`` already computed them."""
         masked = masked if masked is not None else self.text_masking(batch, self.draw_step)
-        states = self.backbone.encode_text(masked.input_ids, batch.attention_mask)
+        if states is None:
+            states = self.backbone.encode_text(masked.input_ids, batch.attention_mask)
         fused = self.backbone.fuse(states, batch.attention_mask, image_states if images is None else images)
         where = masked.mask
         teacher, alpha = (None, 0.0) if momentum is None else (momentum.mlm_probs, momentum.alpha)
@@ -298,14 +305,14 @@ class Albef(Recipe):
 
     def forward(self, batch: Batch) -> dict:
         self.enqueue_pending()  # the previous micro-batch's keys: its backward is done
-        image_states, text_states = self.encode(batch)
         masked = self.text_masking(batch, self.draw_step) if self.uses("mlm") else None
+        image_states, text_states, *masked_states = self.encode(batch, masked)
         momentum = self.momentum_targets(batch, masked)
         # the fusion's image keys/values, projected once for the ITM pairs and the MLM pass
         images = self.backbone.image_context(image_states) if self.uses("itm") and masked is not None else None
         losses = self.alignment(batch, image_states, text_states, momentum, images)
         if masked is not None:
-            losses["mlm"] = self.masked_lm(batch, image_states, masked, momentum, images)
+            losses["mlm"] = self.masked_lm(batch, image_states, masked, momentum, images, masked_states[0])
         metrics = {"temperature": self.temperature.reshape(())}
         if momentum is not None:
             metrics["alpha"] = torch.tensor(momentum.alpha)

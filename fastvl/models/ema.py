@@ -178,8 +178,8 @@ class EmaTeacher(nn.Module):
                 with _gathered([params[i] for i in group]):
                     targets = [masters[i] for i in group]
                     sources = [params[i].detach().to(masters[i].dtype) for i in group]
-                    torch._foreach_mul_(targets, m)
-                    torch._foreach_add_(targets, sources, alpha=1.0 - m)
+                    # θ̄ + (1 - m)(θ - θ̄): one pass over the weights where mul + add take two
+                    torch._foreach_lerp_(targets, sources, 1.0 - m)
             shadow = self.shadow[name]
             for path, buffer in online.named_buffers():
                 shadow.get_buffer(path).copy_(buffer)

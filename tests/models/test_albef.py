@@ -309,3 +309,18 @@ def test_an_image_context_brings_its_own_mask(model, cfg):
         torch.testing.assert_close(got, want)
         with pytest.raises(ValueError, match="its own image mask"):
             model.fuse(text_states, mask, model.image_context(image_states), image_mask, image_index=index)
+
+
+def test_captions_encoded_in_one_pass_match_separate_passes(model, cfg):
+    _, ids, mask = batch(cfg)
+    masked_ids = ids.clone()
+    masked_ids[:, 2:4] = 103  # [MASK]
+    together = model.encode_captions(mask, ids, masked_ids)
+    apart = (model.encode_text(ids, mask), model.encode_text(masked_ids, mask))
+    assert len(together) == 2
+    for one_pass, own_pass in zip(together, apart):
+        real = mask.bool()  # padded rows are not read downstream (attention module docstring)
+        torch.testing.assert_close(one_pass[real], own_pass[real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(together[0][real], together[1][real])  # each caption kept its own rows
+    (single,) = model.encode_captions(mask, ids)
+    torch.testing.assert_close(single, apart[0], rtol=0, atol=0)

@@ -100,3 +100,30 @@ def test_single_process_zero_warns_unless_it_offloads(tmp_path, stage, world, us
         warnings.simplefilter("always")
         warn_single_process_zero(cfg, world)
     assert [str(w.message).startswith(f"train.zero_stage={stage} with 1 process") for w in caught] == ([True] if warns else [])
+
+
+def _gradients_after_backward(engine, batch):
+    torch.manual_seed(0)  # the same dropout draw
+    engine.ds.zero_grad()
+    engine.ds.backward(engine.ds(batch)["loss"])
+    return [p.grad.clone() for p in engine.recipe.parameters()]
+
+
+def test_one_process_without_zero_skips_the_identity_allreduce(tmp_path, monkeypatch):
+    init_distributed()
+    cfg = stand_in_config(tmp_path, "train.zero_stage=0")
+    engine = build_engine(cfg, StandInRecipe(cfg), 1, torch.device("cpu"))
+    batch = next(iter(StandInLoader(cfg, "train", 0, 1, 0)))
+    calls = []
+    flatten = engine.ds.flatten
+    monkeypatch.setattr(engine.ds, "flatten", lambda tensors: calls.append(len(tensors)) or flatten(tensors))
+    skipped = _gradients_after_backward(engine, batch)
+    assert calls == []  # no gradient was flattened into a bucket
+    engine.ds.enable_backward_allreduce = True  # DeepSpeed's default: flatten, reduce, copy back
+    reduced = _gradients_after_backward(engine, batch)
+    assert calls and all(torch.equal(a, b) for a, b in zip(skipped, reduced))
+    # a ZeRO stage reduces in the same hook: it keeps it
+    staged = stand_in_config(tmp_path, "train.zero_stage=1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the single-process ZeRO warning
+        assert build_engine(staged, StandInRecipe(staged), 1, torch.device("cpu")).ds.enable_backward_allreduce
