@@ -2,7 +2,8 @@
 
 A benchmark script only builds its cases (a callable per provider) and calls ``run_cases``; rows
 are printed as a table and appended as JSON lines to ``bench/results/<op>.jsonl`` keyed by op,
-provider, shape and machine.
+provider, shape and machine (``$FASTVL_BENCH_RESULTS/<op>.jsonl`` when that is set: the tests set it to
+a temporary folder, so a test that runs a benchmark leaves nothing in the checkout).
 """
 import functools
 import importlib
@@ -262,8 +263,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def save_rows(op: str, rows: list[dict]) -> None:
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    out = Path(os.environ.get("FASTVL_BENCH_RESULTS") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{op}.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

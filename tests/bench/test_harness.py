@@ -1,4 +1,5 @@
 """The benchmark harness's call meter: where a run's time and FLOPs go."""
+import json
 import sys
 import time
 import types
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.harness import CallMeter, median_ci95, time_interleaved
+from bench.harness import CallMeter, median_ci95, save_rows, time_interleaved
 
 
 @pytest.fixture
@@ -80,3 +81,11 @@ def test_time_interleaved_pairs_each_round_against_the_first_callable():
     assert timing["fast"]["ratio"] == 1.0 and timing["fast"]["ratio_ci95"] == (1.0, 1.0)
     lo, hi = timing["slow"]["ratio_ci95"]
     assert 3 < lo <= timing["slow"]["ratio"] <= hi  # 10x asleep; late wake-ups of a busy machine cannot reach 3x
+
+
+def test_rows_go_to_the_results_folder_the_environment_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTVL_BENCH_RESULTS", str(tmp_path / "rows"))
+    save_rows("toy_op", [{"provider": "a", "ms": 1.0}, {"provider": "b", "ms": 2.0}])
+    save_rows("toy_op", [{"provider": "c", "ms": 3.0}])  # appended
+    lines = (tmp_path / "rows" / "toy_op.jsonl").read_text().splitlines()
+    assert [json.loads(line)["provider"] for line in lines] == ["a", "b", "c"]
