@@ -139,11 +139,10 @@ class MomentumAlbef(nn.Module):
         ``masked_ids`` caption, or None without ``masked_ids``)."""
         backbone = self.backbone
         image_states = backbone.encode_image(images)
-        captions = (input_ids,) if masked_ids is None else (input_ids, masked_ids)
-        text_states, *masked_states = backbone.encode_captions(attention_mask, *captions)
+        text_states, masked_states = backbone.encode_captions(attention_mask, input_ids, masked_ids)
         mlm_logits = None
         if masked_ids is not None:
-            fused = backbone.fuse(masked_states[0], attention_mask, image_states)
+            fused = backbone.fuse(masked_states, attention_mask, image_states)
             mlm_logits = backbone.mlm_logits(fused[where])
         return backbone.image_feat(image_states), backbone.text_feat(text_states, attention_mask), mlm_logits
 
@@ -234,12 +233,12 @@ class Albef(Recipe):
 
     # -- building blocks ------------------------------------------------------------------------
 
-    def encode(self, batch: Batch, masked=None) -> tuple[torch.Tensor, ...]:
-        """(image states, caption states), and with ``masked`` (a ``TextMask``) the masked caption's states
-        after them, from the same text-encoder pass."""
-        captions = (batch.input_ids,) if masked is None else (batch.input_ids, masked.input_ids)
+    def encode(self, batch: Batch, masked=None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(image states, caption states, states of the ``masked`` caption (a ``TextMask``) from the same
+        text-encoder pass, or None without it)."""
         return (self.backbone.encode_image(batch.images),
-                *self.backbone.encode_captions(batch.attention_mask, *captions))
+                *self.backbone.encode_captions(batch.attention_mask, batch.input_ids,
+                                               None if masked is None else masked.input_ids))
 
     def contrastive(self, image_states, text_states, attention_mask, momentum: Optional[MomentumTargets] = None):
         with torch.no_grad():
@@ -306,13 +305,13 @@ class Albef(Recipe):
     def forward(self, batch: Batch) -> dict:
         self.enqueue_pending()  # the previous micro-batch's keys: its backward is done
         masked = self.text_masking(batch, self.draw_step) if self.uses("mlm") else None
-        image_states, text_states, *masked_states = self.encode(batch, masked)
+        image_states, text_states, masked_states = self.encode(batch, masked)
         momentum = self.momentum_targets(batch, masked)
         # the fusion's image keys/values, projected once for the ITM pairs and the MLM pass
         images = self.backbone.image_context(image_states) if self.uses("itm") and masked is not None else None
         losses = self.alignment(batch, image_states, text_states, momentum, images)
         if masked is not None:
-            losses["mlm"] = self.masked_lm(batch, image_states, masked, momentum, images, masked_states[0])
+            losses["mlm"] = self.masked_lm(batch, image_states, masked, momentum, images, masked_states)
         metrics = {"temperature": self.temperature.reshape(())}
         if momentum is not None:
             metrics["alpha"] = torch.tensor(momentum.alpha)

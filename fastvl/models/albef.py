@@ -6,7 +6,7 @@ Shapes (B batch, L text length, N patches, Dv/Dt vision/text width, E ITC width,
 ``encode_image(images, replace_mask=None, keep_index=None)``           [B, 3, S, S] -> [B, 1+N', Dv]
 ``encode_text(input_ids, attention_mask, position_ids=None, *,         [B, L] -> [B, L, Dt]
 token_type_ids=None, attn_mask=None, kind=None, step=None)``
-``encode_captions(attention_mask, *input_ids)``                        k x [B, L] -> k x [B, L, Dt], one pass
+``encode_captions(attention_mask, input_ids, masked_ids=None)``       -> ([B, L, Dt], [B, L, Dt] or None)
 ``fuse(text_states, attention_mask, image_states, image_mask=None, *,  -> [B, L, Dt] ([B, Dt] if cls_only)
 image_index=None, cls_only=False, attn_mask=None, kind=None, step=None)``
 ``image_context(image_states, image_mask=None)``                       -> ``fusion.ImageContext``
@@ -84,14 +84,15 @@ class AlbefModel(ObservableModel):
         return self.text_encoder(input_ids, attention_mask, position_ids, token_type_ids,
                                  attn_mask=attn_mask, kind=kind, step=step)
 
-    def encode_captions(self, attention_mask: torch.Tensor, *input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The states of several captions of the same rows sharing ``attention_mask`` (e.g. a caption and
-        its MLM-masked copy), in one text-encoder pass: each product has k times the rows, which the CPU
-        runs faster than k smaller ones (rows never mix; dropout draws one mask for the whole pass)."""
-        if len(input_ids) == 1:
-            return (self.encode_text(input_ids[0], attention_mask),)
-        states = self.encode_text(torch.cat(input_ids), attention_mask.repeat(len(input_ids), 1))
-        return states.chunk(len(input_ids))
+    def encode_captions(self, attention_mask: torch.Tensor, input_ids: torch.Tensor,
+                        masked_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(states of the caption, of its MLM-masked copy or None), both captions in one text-encoder pass
+        when both are given: each product has twice the rows, which the CPU runs faster than two smaller
+        ones (rows never mix; dropout draws one mask for the whole pass)."""
+        if masked_ids is None:
+            return self.encode_text(input_ids, attention_mask), None
+        states = self.encode_text(torch.cat([input_ids, masked_ids]), attention_mask.repeat(2, 1))
+        return states.chunk(2)
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
              image_states: Union[torch.Tensor, ImageContext], image_mask: Optional[torch.Tensor] = None, *,

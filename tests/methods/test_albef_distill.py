@@ -42,7 +42,7 @@ def distilling(**options):
 
 def online_features(recipe, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        image, text = recipe.encode(batch)
+        image, text, _ = recipe.encode(batch)
         return recipe.backbone.image_feat(image), recipe.backbone.text_feat(text)
 
 

@@ -322,5 +322,6 @@ def test_captions_encoded_in_one_pass_match_separate_passes(model, cfg):
         real = mask.bool()  # padded rows are not read downstream (attention module docstring)
         torch.testing.assert_close(one_pass[real], own_pass[real], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(together[0][real], together[1][real])  # each caption kept its own rows
-    (single,) = model.encode_captions(mask, ids)
+    single, no_masked = model.encode_captions(mask, ids)
     torch.testing.assert_close(single, apart[0], rtol=0, atol=0)
+    assert no_masked is None
